@@ -1,0 +1,30 @@
+# Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
+# torch is installed first, pinned to the CPU build found in the local wheel directory, so pip never
+# resolves a multi-GB CUDA build on a CPU machine. On a GPU machine use TORCH_SPEC="torch".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/offpolicy train
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) runs benchmarks/out

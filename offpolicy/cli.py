@@ -1,0 +1,133 @@
+"""Command line: ``offpolicy train | eval | pretrain-tiny``.
+
+Heavy imports (torch, transformers) happen inside the commands so ``offpolicy --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class _Progress:
+    """A rich progress bar with the latest reward, held-out accuracy and step time."""
+
+    def __init__(self, console):
+        self.console = console
+        self._bar = None
+
+    def start(self, total: int, acc0: float) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
+        self._task = self._bar.add_task("train", total=total, info=f"eval acc {acc0:.3f}")
+        self._acc = acc0
+        self._bar.start()
+
+    def update(self, step: int, record: dict, eval_acc: float | None) -> None:
+        if eval_acc is not None:
+            self._acc = eval_acc
+        info = (f"reward {record['reward_mean']:.3f}  entropy {record.get('entropy', 0):.3f}  "
+                f"eval acc {self._acc:.3f}  step {record['gen_s'] + record['train_s']:.2f}s")
+        self._bar.update(self._task, completed=step, info=info)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _cmd_train(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from offpolicy.config import load_config
+
+    console = Console()
+    cfg = load_config(args.config, args.overrides)
+    from offpolicy.pipeline.sync import run_sync
+
+    console.print("[bold]resolved config[/bold]")
+    console.print_json(cfg.model_dump_json())
+    progress = _Progress(console) if cfg.run.progress else None
+    res = run_sync(cfg, progress=progress, log=console.print)
+    table = Table(title=f"offpolicy train — {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s")
+    table.add_column("held-out greedy accuracy")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    b, a = res.eval_before["accuracy"], res.eval_after["accuracy"]
+    table.add_row(f"{cfg.tasks.eval_size} tasks", f"{b:.3f}", f"{a:.3f}", f"{(a - b) * 100:+.1f} pts")
+    console.print(table)
+    console.print(f"run directory: {res.run_dir}  (metrics.jsonl, tb/, config.json, final/)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from offpolicy.config import load_config
+    from offpolicy.pipeline.run import reward_function, task_source
+    from offpolicy.rollout.model import load_policy
+    from offpolicy.train.evaluate import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    torch.set_num_threads(cfg.train.threads)
+    model, tok = load_policy(args.model, device=cfg.model.device, dtype=cfg.model.dtype)
+    tasks = task_source(cfg)[1][: args.limit or None]
+    res = evaluate(model, tok, tasks, reward_function(cfg), max_new_tokens=cfg.rollout.max_new_tokens,
+                   pass_k=args.k, temperature=cfg.rollout.temperature, seed=cfg.train.seed)
+    Console().print(f"{args.model}: {len(tasks)} held-out tasks  "
+                    + "  ".join(f"{k} {v:.3f}" for k, v in res.items()))
+    return 0
+
+
+def _cmd_pretrain_tiny(args) -> int:
+    import torch
+
+    from offpolicy.train.tiny import DEFAULT_DIR, pretrain_tiny
+
+    torch.set_num_threads(args.threads)
+    res = pretrain_tiny(args.out or DEFAULT_DIR, seed=args.seed, steps=args.steps)
+    print(f"{res.path}: {res.params:,} parameters, held-out greedy accuracy {res.accuracy:.3f}, "
+          f"{res.seconds:.0f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="offpolicy", description="Off-policy reinforcement fine-tuning of LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a policy (no arguments: the bundled tiny model on arithmetic)")
+    t.add_argument("--config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.preset=rec_oneside_nois")
+    t.set_defaults(fn=_cmd_train)
+    e = sub.add_parser("eval", help="greedy accuracy and pass@k of a checkpoint on the held-out split")
+    e.add_argument("--model", default="bundled", help="HF model folder (default: the bundled model)")
+    e.add_argument("--config", help="YAML config file (tasks, rollout settings)")
+    e.add_argument("--k", type=int, default=8, help="k of pass@k (0: greedy only)")
+    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks")
+    e.add_argument("overrides", nargs="*", help="dotted overrides")
+    e.set_defaults(fn=_cmd_eval)
+    pt = sub.add_parser("pretrain-tiny", help="build the bundled tiny model (tokenizer + SFT warm start)")
+    pt.add_argument("--out", help="output folder (default: offpolicy/assets/tiny-arith)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--steps", type=int, default=None, help="SFT steps (default: the built-in recipe)")
+    pt.add_argument("--threads", type=int, default=2)
+    pt.set_defaults(fn=_cmd_pretrain_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from offpolicy.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"offpolicy: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

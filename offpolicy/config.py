@@ -1,0 +1,172 @@
+"""Run configuration: one pydantic model per component, filled from YAML and ``key.sub=value`` overrides.
+
+Defaults live here and only here. Unknown keys are errors that name the key and the closest
+valid one; YAML syntax errors name file:line; type and range errors come from pydantic and
+name the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key / file:line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("bundled", description="HF model folder, or 'bundled' for the tiny arithmetic model in offpolicy/assets.")
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the policy.")
+
+
+class TasksConfig(_Section):
+    name: Literal["arithmetic"] = Field("arithmetic", description="Task family.")
+    seed: int = Field(0, description="Seed of the task generator (train stream and held-out split).")
+    levels: list[int] = Field([1, 2], description="Difficulty levels to mix (1: one step, 2: two steps).")
+    eval_size: int = Field(256, ge=1, description="Number of held-out tasks for evaluation.")
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(32, ge=1, description="Tasks sampled per training step.")
+    group_size: int = Field(8, ge=1, description="Responses sampled per task (K).")
+    max_new_tokens: int = Field(5, ge=1, description="Maximum response length.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer uses the same one).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+
+
+class AlgorithmConfig(_Section):
+    preset: str = Field("grpo", description="Named algorithm from offpolicy.algos.PRESETS.")
+    advantage_params: dict[str, Any] = Field({}, description="Overrides of the preset's advantage parameters.")
+    loss_params: dict[str, Any] = Field({}, description="Overrides of the preset's policy-loss parameters.")
+    aggregation_params: dict[str, Any] = Field({}, description="Overrides of the preset's aggregation parameters.")
+    kl_coef: float | None = Field(None, ge=0, description="KL-to-reference coefficient (reference = initial policy); None = the preset's; 0 = off, no reference forward.")
+    kl_estimator: str | None = Field(None, description="KL estimator (offpolicy.algos.KL_ESTIMATORS); None = the preset's.")
+    entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(300, ge=0, description="Training steps (one batch of rollouts each).")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    micro_batches: int = Field(1, ge=1, description="Gradient-accumulation micro-batches per optimiser step.")
+    seed: int = Field(0, description="Seed for sampling and initialisation.")
+    threads: int = Field(2, ge=1, description="torch intra-op threads.")
+
+
+class EvalConfig(_Section):
+    every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at start and end).")
+    pass_k: int = Field(8, ge=1, description="k of pass@k in `offpolicy eval`.")
+
+
+class RunConfig(_Section):
+    dir: str = Field("runs/{preset}-{time}", description="Run directory; {preset} and {time} are filled in.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files.")
+    progress: bool = Field(True, description="Show a rich progress bar.")
+    save_final: bool = Field(True, description="Save the final policy as a HF folder in <run_dir>/final.")
+
+
+class Config(_Section):
+    """The whole run."""
+
+    model: ModelConfig = ModelConfig()
+    tasks: TasksConfig = TasksConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Config":
+        if self.train.micro_batches > self.rollout.prompts_per_step * self.rollout.group_size:
+            raise ValueError("train.micro_batches must not exceed the batch size "
+                             "(rollout.prompts_per_step * rollout.group_size)")
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
+    """Raise ConfigError for the first unknown key, naming the closest valid one."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint} valid keys here: {', '.join(fields)}")
+        ann = fields[key].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(value, ann, f"{dotted}.")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` -> ("train.lr", 1e-4); the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"YAML syntax error at {where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated."""
+    data: dict = load_yaml(path) if path else {}
+    for text in overrides:
+        _set_dotted(data, *parse_override(text))
+    _check_keys(data, Config)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        src = f" in {path}" if path else ""
+        raise ConfigError(f"invalid config{src}:\n" + "\n".join(lines)) from None

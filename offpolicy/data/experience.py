@@ -1,0 +1,146 @@
+"""Experience (one trajectory) and Batch (a padded training batch).
+
+Shape convention used across offpolicy: a suffix names the axes of a tensor.
+``B`` = sequences in a batch, ``T`` = response positions, ``P`` = prompt positions,
+``N`` = flat samples (usually equal to B). Example: ``behav_logp_BT`` is (B, T).
+
+An :class:`Experience` holds 1-D tensors for one trajectory (response length ``T_i``);
+:func:`collate` pads a list of them into a :class:`Batch` with prompts left-padded and
+responses right-padded, which is the layout the trainer's single forward pass uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+_TENSOR_FIELDS = ("prompt_ids", "response_ids", "response_mask", "behav_logp", "old_logp", "ref_logp")
+
+
+@dataclass
+class Experience:
+    """One sampled trajectory and everything the trainer needs to learn from it.
+
+    Tensors are 1-D: ``prompt_ids`` (P_i,), the others (T_i,). ``response_mask`` is 1 on
+    trainable response tokens (0 on tool outputs). ``behav_logp`` is the log-prob of each
+    sampled token under the policy that sampled it (version ``version``), at the sampling
+    temperature. Optional ``old_logp`` / ``ref_logp`` are filled by the trainer when needed.
+    """
+
+    prompt_ids: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    behav_logp: torch.Tensor
+    reward: float
+    group_id: str
+    task_id: str
+    version: int = 0
+    use_count: int = 0
+    created_at: float = field(default_factory=time.time)
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    expert: bool = False
+    replayed: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    eid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor fields that are set, for safetensors serialisation."""
+        return {k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS if getattr(self, k) is not None}
+
+    def meta(self) -> dict[str, Any]:
+        """The non-tensor fields as a JSON-able dict."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TENSOR_FIELDS}
+
+    def to_bytes(self) -> tuple[bytes, str]:
+        """(safetensors blob, JSON metadata) — no pickle anywhere."""
+        from safetensors.torch import save
+
+        return save(self.tensors()), json.dumps(self.meta())
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, meta_json: str) -> "Experience":
+        from safetensors.torch import load
+
+        return cls(**load(blob), **json.loads(meta_json))
+
+
+@dataclass
+class Batch:
+    """A padded batch. Prompts are left-padded to P, responses right-padded to T.
+
+    ``input_ids_BL`` = concat(prompt, response), L = P + T; ``attn_BL`` marks real tokens.
+    The logits that predict response token t sit at position ``P - 1 + t``.
+    """
+
+    input_ids_BL: torch.Tensor
+    attn_BL: torch.Tensor
+    mask_BT: torch.Tensor
+    behav_logp_BT: torch.Tensor
+    rewards_B: torch.Tensor
+    group_ids_B: torch.Tensor
+    versions_B: torch.Tensor
+    prompt_len: int
+    old_logp_BT: torch.Tensor | None = None
+    ref_logp_BT: torch.Tensor | None = None
+
+    @property
+    def response_ids_BT(self) -> torch.Tensor:
+        return self.input_ids_BL[:, self.prompt_len :]
+
+    def __len__(self) -> int:
+        return self.input_ids_BL.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "Batch":
+        """Rows ``idx`` of the batch (for mini-/micro-batches)."""
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return Batch(
+            self.input_ids_BL[idx], self.attn_BL[idx], self.mask_BT[idx], self.behav_logp_BT[idx],
+            self.rewards_B[idx], self.group_ids_B[idx], self.versions_B[idx], self.prompt_len,
+            pick(self.old_logp_BT), pick(self.ref_logp_BT),
+        )
+
+
+def collate(exps: list[Experience], pad_id: int) -> Batch:
+    """Pad a list of experiences into a :class:`Batch` (group ids become dense ints)."""
+    B = len(exps)
+    P = max(len(e.prompt_ids) for e in exps)
+    T = max(max(len(e.response_ids) for e in exps), 1)
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + T), dtype=torch.long)
+    mask = torch.zeros((B, T))
+    behav = torch.zeros((B, T))
+    has_old = all(e.old_logp is not None for e in exps)
+    has_ref = all(e.ref_logp is not None for e in exps)
+    old = torch.zeros((B, T)) if has_old else None
+    ref = torch.zeros((B, T)) if has_ref else None
+    gid_index: dict[str, int] = {}
+    for i, e in enumerate(exps):
+        p, t = len(e.prompt_ids), len(e.response_ids)
+        input_ids[i, P - p : P] = e.prompt_ids
+        input_ids[i, P : P + t] = e.response_ids
+        attn[i, P - p : P + t] = 1
+        mask[i, :t] = e.response_mask
+        behav[i, :t] = e.behav_logp
+        if old is not None:
+            old[i, :t] = e.old_logp
+        if ref is not None:
+            ref[i, :t] = e.ref_logp
+        gid_index.setdefault(e.group_id, len(gid_index))
+    return Batch(
+        input_ids_BL=input_ids,
+        attn_BL=attn,
+        mask_BT=mask,
+        behav_logp_BT=behav,
+        rewards_B=torch.tensor([e.reward for e in exps], dtype=torch.float32),
+        group_ids_B=torch.tensor([gid_index[e.group_id] for e in exps], dtype=torch.long),
+        versions_B=torch.tensor([e.version for e in exps], dtype=torch.long),
+        prompt_len=P,
+        old_logp_BT=old,
+        ref_logp_BT=ref,
+    )

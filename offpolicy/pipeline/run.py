@@ -1,0 +1,96 @@
+"""Run set-up shared by the runners: run directory, seeds, policy, optimiser, tasks, logging."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from offpolicy.config import Config, ConfigError
+
+
+def make_run_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.run.dir.format(preset=cfg.algorithm.preset, time=stamp))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # numpy is a dependency, but the seed must never be the reason a run fails
+        pass
+
+
+def task_source(cfg: Config) -> tuple[Iterator, list]:
+    """(endless training-task iterator, held-out tasks) for ``cfg.tasks``."""
+    from offpolicy.data import arithmetic
+
+    levels = tuple(cfg.tasks.levels)
+    return (arithmetic.stream(seed=cfg.tasks.seed, levels=levels),
+            arithmetic.generate("eval", cfg.tasks.eval_size, seed=cfg.tasks.seed, levels=levels))
+
+
+def reward_function(cfg: Config) -> Callable[[str, str], float]:
+    from offpolicy.rewards import exact_match
+
+    return exact_match
+
+
+@dataclass
+class RunContext:
+    """Everything a runner needs, built once from the config."""
+
+    cfg: Config
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    algo: object
+    ref_model: torch.nn.Module | None
+    train_tasks: Iterator
+    eval_tasks: list
+    reward_fn: Callable[[str, str], float]
+    generator: torch.Generator
+    history: list[dict] = field(default_factory=list)
+
+    def next_tasks(self) -> list:
+        return [next(self.train_tasks) for _ in range(self.cfg.rollout.prompts_per_step)]
+
+
+def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
+    """Validate the algorithm first (cheap), then load the model and build the optimiser."""
+    from offpolicy.rollout.model import load_policy
+    from offpolicy.train.step import Algorithm
+
+    torch.set_num_threads(cfg.train.threads)
+    try:  # a typo in a preset or parameter name fails here, before any compute
+        algo = Algorithm.from_config(cfg.algorithm)
+    except ValueError as e:
+        raise ConfigError(f"algorithm: {e}") from None
+    seed_everything(cfg.train.seed)
+    model, tokenizer = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
+    ref_model = None
+    if algo.kl_fn is not None:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
+    warm = cfg.train.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    run_dir = run_dir or make_run_dir(cfg)
+    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    train_tasks, eval_tasks = task_source(cfg)
+    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, train_tasks, eval_tasks,
+                      reward_function(cfg), torch.Generator().manual_seed(cfg.train.seed))

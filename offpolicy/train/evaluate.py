@@ -1,0 +1,48 @@
+"""Held-out evaluation: greedy accuracy and pass@k (unbiased estimator, Chen et al. 2021)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from offpolicy.rollout.engine import HFEngine
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` are correct: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], float], *,
+             max_new_tokens: int, pass_k: int = 0, temperature: float = 1.0, seed: int = 0,
+             batch_size: int = 512) -> dict[str, float]:
+    """``{"accuracy": greedy accuracy, f"pass@{k}": ...}`` over ``tasks`` (pass@k sampled at ``temperature``)."""
+    was_training = model.training
+    model.eval()
+    engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    gen = torch.Generator().manual_seed(seed)
+    correct, pass_sum = 0.0, 0.0
+    for i in range(0, len(tasks), batch_size):
+        chunk = tasks[i : i + batch_size]
+        prompts = [tokenizer(t.prompt)["input_ids"] for t in chunk]
+        ro = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
+        texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+        correct += sum(reward_fn(x, t.answer) >= 1.0 for x, t in zip(texts, chunk))
+        if pass_k:
+            n = max(pass_k, 1)
+            ro = engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 generator=gen)
+            texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+            for j, t in enumerate(chunk):
+                c = sum(reward_fn(x, t.answer) >= 1.0 for x in texts[j * n : (j + 1) * n])
+                pass_sum += pass_at_k(n, c, pass_k)
+    model.train(was_training)
+    out = {"accuracy": correct / max(len(tasks), 1)}
+    if pass_k:
+        out[f"pass@{pass_k}"] = pass_sum / max(len(tasks), 1)
+    return out

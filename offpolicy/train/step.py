@@ -1,0 +1,112 @@
+"""One training step: batch -> log-probs -> advantages -> loss -> aggregate -> backward -> step.
+
+The algorithm arrives as bound callables (see :class:`Algorithm`); this file never looks at an
+algorithm's name. Stats come back as plain floats for logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from offpolicy.algos import LossInputs, entropy_from_logits
+from offpolicy.data.experience import Batch
+
+
+@dataclass
+class Algorithm:
+    """The bound pieces of one preset plus the regularisers the trainer adds on top."""
+
+    adv_fn: Callable
+    loss_fn: Callable
+    agg_fn: Callable
+    kl_fn: Callable | None = None
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+
+    @classmethod
+    def from_config(cls, algo_cfg) -> "Algorithm":
+        from offpolicy.algos import PRESETS, bind, resolve_preset
+        from offpolicy.algos.registry import lookup
+
+        adv_fn, loss_fn, agg_fn = resolve_preset(algo_cfg.preset, algo_cfg.advantage_params,
+                                                 algo_cfg.loss_params, algo_cfg.aggregation_params)
+        preset = lookup("preset", algo_cfg.preset)
+        kl_coef = preset.kl_coef if algo_cfg.kl_coef is None else algo_cfg.kl_coef
+        kl_name = algo_cfg.kl_estimator or preset.kl_estimator
+        kl_fn = bind("kl", kl_name) if kl_coef > 0 else None
+        assert algo_cfg.preset in PRESETS
+        return cls(adv_fn, loss_fn, agg_fn, kl_fn, kl_coef, algo_cfg.entropy_coef)
+
+
+def response_logp(model, batch: Batch, *, temperature: float = 1.0,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, T) of the response tokens under ``model`` (one forward over prompt + response).
+
+    Logits are divided by the sampling temperature so that they match ``behav_logp``.
+    """
+    ids, attn = batch.input_ids_BL, batch.attn_BL
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    T = ids.shape[1] - batch.prompt_len
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    logits_BTV = logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + T].float()
+    if temperature != 1.0:
+        logits_BTV = logits_BTV / temperature
+    logp_BTV = logits_BTV.log_softmax(-1)
+    logp_BT = logp_BTV.gather(-1, batch.response_ids_BT.unsqueeze(-1)).squeeze(-1)
+    entropy_BT = entropy_from_logits(logits_BTV) if with_entropy else None
+    return logp_BT, entropy_BT
+
+
+def _stat(x) -> float:
+    return float(x.detach().float()) if torch.is_tensor(x) else float(x)
+
+
+def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: float = 1.0,
+               micro_batches: int = 1, temperature: float = 1.0, ref_model=None,
+               scheduler=None) -> dict[str, float]:
+    """One optimiser step on ``batch``; returns the step's statistics.
+
+    ``old_logp``: the batch's own if set (recomputed by the caller for multi-pass reuse); otherwise
+    the detached current log-probs, which is exact here because the weights do not change before
+    the optimiser step — so a single-pass step pays no extra forward for it.
+    """
+    model.train()
+    adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
+    n_tokens = batch.mask_BT.sum().clamp(min=1)
+    n_seqs = len(batch)
+    if algo.kl_fn is not None and batch.ref_logp_BT is None:
+        with torch.no_grad():
+            batch.ref_logp_BT, _ = response_logp(ref_model, batch, temperature=temperature)
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    loss_total = 0.0
+    for idx in torch.arange(n_seqs).tensor_split(micro_batches):
+        mb = batch.select(idx)
+        logp_BT, entropy_BT = response_logp(model, mb, temperature=temperature, with_entropy=True)
+        old = mb.old_logp_BT if mb.old_logp_BT is not None else logp_BT.detach()
+        out = algo.loss_fn(logp_BT, LossInputs(adv=adv_B[idx], mask=mb.mask_BT, old_logp=old,
+                                                behav_logp=mb.behav_logp_BT, ref_logp=mb.ref_logp_BT))
+        loss = algo.agg_fn(out.loss_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
+        if algo.kl_fn is not None:
+            kl = algo.agg_fn(algo.kl_fn(logp_BT, mb.ref_logp_BT) * mb.mask_BT, mb.mask_BT,
+                             num_tokens=n_tokens, num_seqs=n_seqs)
+            loss = loss + algo.kl_coef * kl
+            sums["kl"] = sums.get("kl", 0.0) + _stat(kl)
+        ent = algo.agg_fn(entropy_BT * mb.mask_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * ent
+        loss.backward()
+        loss_total += _stat(loss)
+        sums["entropy"] = sums.get("entropy", 0.0) + _stat(ent)
+        w = len(idx) / n_seqs  # loss stats are per-micro-batch means: weight by share of rows
+        for k, v in out.stats.items():
+            sums[f"loss/{k}"] = sums.get(f"loss/{k}", 0.0) + w * _stat(v)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": loss_total, "grad_norm": _stat(grad_norm), "adv_abs_mean": _stat(adv_B.abs().mean()),
+            **sums}

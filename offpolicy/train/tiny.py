@@ -1,0 +1,125 @@
+"""Build the bundled tiny model: a character-level tokenizer and a small Llama-architecture LM,
+warm-started by supervised learning on arithmetic so that RL has something to improve.
+
+The warm start is deliberately imperfect: on a fraction ``slip`` of the problems whose first
+addition carries, the label drops the carry (``37+48=75``). The model therefore leaves real
+probability on the right answer without preferring it, which is the situation RL fine-tuning
+is for. The result is saved as a plain Hugging Face folder (safetensors + config + tokenizer)
+that ``AutoModelForCausalLM`` / ``AutoTokenizer`` load.
+
+A Llama config (not Qwen2) is used on purpose: with a Qwen2 config, transformers' AutoTokenizer
+may swap a custom tokenizer for ``Qwen2Tokenizer`` and silently drop characters.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offpolicy.data import arithmetic
+
+SPECIALS = ("<pad>", "<bos>", "<eos>")
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-arith"
+
+
+def build_tokenizer(alphabet: str = arithmetic.ALPHABET):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, no normaliser."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<pad>", padding_side="left", model_max_length=64,
+    )
+
+
+def build_model(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: int = 4,
+                intermediate: int = 512, max_positions: int = 64, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@dataclass
+class PretrainResult:
+    path: Path
+    params: int
+    accuracy: float
+    seconds: float
+
+
+def _sft_batch(tokenizer, tasks, rng: random.Random, slip: float):
+    """Input ids and a loss mask on answer + EOS tokens (prompt tokens are not trained)."""
+    texts, starts = [], []
+    for t in tasks:
+        answer = t.answer
+        if t.meta.get("carry") and rng.random() < slip:
+            answer = t.meta["slipped"]
+        prompt_ids = tokenizer(t.prompt)["input_ids"]
+        texts.append(prompt_ids + tokenizer(answer, add_special_tokens=False)["input_ids"]
+                     + [tokenizer.eos_token_id])
+        starts.append(len(prompt_ids))
+    L = max(len(x) for x in texts)
+    ids = torch.full((len(texts), L), tokenizer.pad_token_id)
+    labels = torch.full((len(texts), L), -100)
+    for i, (x, s) in enumerate(zip(texts, starts)):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, s : len(x)] = torch.tensor(x[s:])
+    return ids, labels
+
+
+def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: int = 600,
+                  batch_size: int = 128, lr: float = 3e-3, slip: float = 0.6,
+                  eval_n: int = 256, log=print) -> PretrainResult:
+    """Build, warm-start and save the tiny model. Same seed and arguments give the same weights."""
+    from offpolicy.rollout.engine import greedy_accuracy
+
+    start = time.time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    rng = random.Random(seed)
+    pool = arithmetic.generate("train", 20_000, seed=seed)
+    model.train()
+    for step in range(steps):
+        ids, labels = _sft_batch(tokenizer, rng.sample(pool, batch_size), rng, slip)
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            log(f"pretrain step {step + 1}/{steps} loss {loss.item():.4f}")
+    model.eval()
+    acc = greedy_accuracy(model, tokenizer, arithmetic.generate("eval", eval_n, seed=0))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"saved {out} ({n_params:,} parameters), held-out greedy accuracy {acc:.3f}")
+    return PretrainResult(out, n_params, acc, time.time() - start)
