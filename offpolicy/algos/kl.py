@@ -44,5 +44,6 @@ def low_var_kl(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
 
 def entropy_from_logits(logits_BTV: Tensor) -> Tensor:
     """Entropy of the softmax over the last axis: ``logsumexp(z) - sum softmax(z) * z``, (B, T)."""
-    logz_BT = torch.logsumexp(logits_BTV, dim=-1)
-    return logz_BT - (torch.softmax(logits_BTV, dim=-1) * logits_BTV).sum(-1)
+    p_BTV = torch.softmax(logits_BTV, dim=-1)
+    p_logits_BTV = torch.where(p_BTV > 0, p_BTV * logits_BTV, torch.zeros_like(p_BTV))  # -inf logits: 0, not nan
+    return torch.logsumexp(logits_BTV, dim=-1) - p_logits_BTV.sum(-1)
