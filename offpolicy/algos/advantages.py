@@ -67,7 +67,8 @@ def red_drop_keep(rewards_N: Tensor, group_ids_N: Tensor,
     n_pos_G = group_sum(pos_N.to(rewards_N.dtype), idx_N, g)
     n_neg_G = group_sum((~pos_N).to(rewards_N.dtype), idx_N, g)
     surplus_N = (n_neg_G - n_pos_G).clamp(min=0)[idx_N]
-    u_N = torch.rand(rewards_N.shape, generator=generator, dtype=torch.float64).to(rewards_N.device)
+    device = rewards_N.device if generator is None else generator.device  # a generator draws on its device
+    u_N = torch.rand(rewards_N.shape, generator=generator, dtype=torch.float64, device=device).to(rewards_N.device)
     key_N = idx_N.double() * 3 + torch.where(pos_N, torch.full_like(u_N, 2.0), u_N)
     order_N = torch.argsort(key_N)
     rank_sorted = torch.arange(len(order_N), device=order_N.device)

@@ -83,7 +83,8 @@ def clip_cov_mask(logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, clipped_BT: 
     logp_c_BT = logp_BT - torch.where(m_BT, logp_BT, 0.0).sum() / n
     cov_BT = adv_c_BT * logp_c_BT
     cand_BT = m_BT & ~clipped_BT & (cov_BT > lb) & (cov_BT < ub)
-    u_BT = torch.rand(m_BT.shape, generator=generator, dtype=torch.float64).to(m_BT.device)
+    device = m_BT.device if generator is None else generator.device  # a generator draws on its device
+    u_BT = torch.rand(m_BT.shape, generator=generator, dtype=torch.float64, device=device).to(m_BT.device)
     key = torch.where(cand_BT, u_BT, 2.0).flatten()
     rank = torch.empty_like(key, dtype=torch.long)
     rank[torch.argsort(key)] = torch.arange(key.numel(), device=key.device)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from offpolicy.algos import ADVANTAGES
+from offpolicy.algos import ADVANTAGES, LossInputs, resolve_preset
 from offpolicy.algos.advantages import red_drop_keep
 
 
@@ -134,3 +134,17 @@ def test_equal_rewards_give_zero():
 def test_bad_drop_value():
     with pytest.raises(ValueError, match="drop"):
         ADVANTAGES["group_mean"](T(1, 0), torch.tensor([0, 0]), drop="balanced")
+
+
+def test_red_drop_samples_stay_in_token_denominator():
+    # RED-Drop zeroes A but keeps the mask: token_mean divides by all 8 * 2 tokens, not the 4 kept samples'
+    gen = torch.Generator().manual_seed(0)
+    adv_fn, loss_fn, agg_fn = resolve_preset("red_drop", advantage_params={"generator": gen})
+    adv = adv_fn(T(1, 0, 0, 0, 0, 0, 1, 0), torch.zeros(8, dtype=torch.long))
+    logp = torch.full((8, 2), -1.0, dtype=torch.float64)
+    mask = torch.ones(8, 2)
+    loss = agg_fn(loss_fn(logp, LossInputs(adv, mask)).loss_BT, mask)
+    # -A * logp summed = 2 * sum(A) = 2 * (0.5 + 0.5 - 0.5 - 0.5) = 0; with |A|: 2 * 4 * 0.5 / 16 tokens
+    loss_abs = agg_fn(loss_fn(logp, LossInputs(adv.abs(), mask)).loss_BT, mask)
+    close(loss, torch.tensor(0.0, dtype=torch.float64))
+    close(loss_abs, torch.tensor(4 * 0.5 * 2 / 16, dtype=torch.float64))
