@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .losses_pg import clip_stats, clipped_surrogate, denominator
 from .registry import builtin
-from .types import LossInputs, LossOut, finish, log_ratio, prepare, ratio_stats
+from .types import LossInputs, LossOut, finish, log_ratio, prepare, ratio_of, ratio_stats
 
 _TOL = 1e-9  # float slack when comparing accumulated steps with the range ends
 CODE_EPS = 1e-8
@@ -102,7 +102,7 @@ def bapo(logp_BT: Tensor, inputs: LossInputs, *, rho0: float = 0.4,
     """
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)
     lr_BT = log_ratio(logp_BT, denominator(inputs, ratio_to, "bapo"), m_BT)
-    ratio_BT = lr_BT.exp()
+    ratio_BT = ratio_of(lr_BT)
     c_low, c_high, frac = bapo_bounds(ratio_BT, adv_BT, m_BT, rho0=rho0, low_range=low_range,
                                       high_range=high_range, step_low=step_low, step_high=step_high,
                                       search=search)

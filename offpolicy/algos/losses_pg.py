@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .registry import builtin
-from .types import LossInputs, LossOut, clean, finish, log_ratio, masked_frac, prepare, ratio_stats, require
+from .types import (LossInputs, LossOut, clean, finish, log_ratio, masked_frac, prepare, ratio_of, ratio_stats,
+                    require)
 
 _DENOMS = {"old": "old_logp", "behav": "behav_logp"}
 
@@ -74,7 +75,7 @@ def ppo_clip(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, eps_h
     """
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)
     lr_BT = log_ratio(logp_BT, denominator(inputs, ratio_to, "ppo_clip"), m_BT)
-    loss_BT, flags = clipped_surrogate(lr_BT.exp(), adv_BT, 1 - eps_low, 1 + eps_high, dual_clip)
+    loss_BT, flags = clipped_surrogate(ratio_of(lr_BT), adv_BT, 1 - eps_low, 1 + eps_high, dual_clip)
     return finish(loss_BT, m_BT, {**clip_stats(flags, m_BT), **ratio_stats(lr_BT, m_BT)})
 
 
@@ -105,7 +106,7 @@ def cispo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 1.0, eps_high
     """
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)
     lr_BT = log_ratio(logp_BT, denominator(inputs, ratio_to, "cispo"), m_BT).detach()
-    rho_BT = lr_BT.exp()
+    rho_BT = ratio_of(lr_BT)
     w_BT = rho_BT.clamp(1 - eps_low, 1 + eps_high)
     flags = {"trunc_high": rho_BT > 1 + eps_high, "trunc_low": rho_BT < 1 - eps_low}
     return finish(-w_BT * adv_BT * logp_BT, m_BT, {**clip_stats(flags, m_BT), **ratio_stats(lr_BT, m_BT)})
@@ -135,7 +136,7 @@ def decoupled_ppo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, 
     else:
         raise ValueError(f"decoupled_ppo: mode must be 'truncate' or 'mask', got {mode!r}")
     lr_BT = log_ratio(logp_BT, old_BT, m_BT)
-    loss_BT, flags = clipped_surrogate(lr_BT.exp(), adv_BT, 1 - eps_low, 1 + eps_high, dual_clip)
+    loss_BT, flags = clipped_surrogate(ratio_of(lr_BT), adv_BT, 1 - eps_low, 1 + eps_high, dual_clip)
     stats = {**clip_stats(flags, m_BT), **ratio_stats(lr_BT, m_BT), **ratio_stats(behav_lr_BT, m_BT, "behav_weight")}
     stats[f"behav_weight_{mode}_frac"] = masked_frac(over_BT, m_BT)
     return finish(w_BT * loss_BT, m_BT, stats)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .registry import builtin
-from .types import LossInputs, LossOut, finish, log_ratio, masked_frac, prepare, ratio_stats, require
+from .types import LossInputs, LossOut, finish, log_ratio, masked_frac, prepare, ratio_of, ratio_stats, require
 
 CLIP_MODES = ("none", "one_side", "two_side", "ring")
 WEIGHTS = ("none", "importance_sampling", "advantage")
@@ -81,7 +81,7 @@ def rec(logp_BT: Tensor, inputs: LossInputs, *, clip_mode: str = "one_side", wei
     if needs_ratio or inputs.behav_logp is not None:
         behav = require(inputs, "behav_logp", "rec") if needs_ratio else inputs.behav_logp
         lr_BT = log_ratio(logp_BT, behav, m_BT)
-    rho_BT = lr_BT.detach().exp()
+    rho_BT = ratio_of(lr_BT.detach())
     dropped = rec_keep(rho_BT, adv_BT, clip_mode, eps_low, eps_high, eps_low_outer, eps_high_outer)
     keep_BT = torch.ones_like(m_BT)
     for flag_BT in dropped.values():

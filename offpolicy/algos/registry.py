@@ -30,8 +30,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "preset": PRESETS,
 }
 
-# Arguments passed positionally / by the trainer at call time, never bound as hyperparameters.
-_CALL_ARGS = {"rewards_N", "group_ids_N", "logp_BT", "inputs", "loss_BT", "mask_BT", "ref_logp_BT"}
+# Every family's functions take two tensors at call time (rewards/groups, logp/inputs, loss/mask,
+# logp/ref_logp); those two are never bound as hyperparameters.
+_NUM_CALL_ARGS = 2
 
 
 def _family(family: str) -> dict[str, Any]:
@@ -70,10 +71,9 @@ def lookup(family: str, name: str) -> Any:
 
 def check_params(fn: Callable, params: dict[str, Any], where: str) -> None:
     """Raise ValueError naming any key of ``params`` that ``fn`` does not accept as a keyword."""
-    sig = inspect.signature(fn)
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    valid = [n for n, p in sig.parameters.items()
-             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in _CALL_ARGS]
+    params_all = list(inspect.signature(fn).parameters.values())
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params_all)
+    valid = [p.name for p in params_all[_NUM_CALL_ARGS:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for key in params:
         if key not in valid and not accepts_any:
             raise ValueError(f"{where}: unknown parameter {key!r}{_hint(key, valid)}; valid: {valid}")

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .losses_pg import clip_stats, clipped_surrogate
 from .registry import builtin
-from .types import LossInputs, LossOut, finish, log_ratio, prepare, ratio_stats, require
+from .types import LossInputs, LossOut, finish, log_ratio, prepare, ratio_of, ratio_stats, require
 
 
 @builtin("policy_loss", "mix_ppg")
@@ -32,8 +32,8 @@ def mix_ppg(logp_BT: Tensor, inputs: LossInputs, *, eps: float = 0.2, dual_clip:
     behav_BT = require(inputs, "behav_logp", "mix_ppg")
     center_lr_BT = log_ratio(require(inputs, "center_logp", "mix_ppg").detach(), behav_BT, m_BT)
     lr_BT = log_ratio(logp_BT, behav_BT, m_BT)
-    c_BT = center_lr_BT.exp()
-    loss_BT, flags = clipped_surrogate(lr_BT.exp(), adv_BT, c_BT - eps, c_BT + eps, dual_clip)
+    c_BT = ratio_of(center_lr_BT)
+    loss_BT, flags = clipped_surrogate(ratio_of(lr_BT), adv_BT, c_BT - eps, c_BT + eps, dual_clip)
     stats = {**clip_stats(flags, m_BT), **ratio_stats(lr_BT, m_BT), **ratio_stats(center_lr_BT, m_BT, "center")}
     return finish(loss_BT, m_BT, stats)
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .losses_pg import clip_stats, clipped_surrogate, denominator
 from .registry import builtin
-from .types import LossInputs, LossOut, finish, log_ratio, masked_frac, prepare, ratio_stats
+from .types import LossInputs, LossOut, finish, log_ratio, masked_frac, prepare, ratio_of, ratio_stats
 
 
 def tool_call_reward_weight(step: int, horizon: int = 200) -> float:
@@ -102,7 +102,7 @@ def sil(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, eps_high: 
     """
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)
     lr_BT = log_ratio(logp_BT, denominator(inputs, ratio_to, "sil"), m_BT)
-    loss_BT, flags = clipped_surrogate(lr_BT.exp(), adv_BT, 1 - eps_low, 1 + eps_high)
+    loss_BT, flags = clipped_surrogate(ratio_of(lr_BT), adv_BT, 1 - eps_low, 1 + eps_high)
     clipped_BT = flags["clip_high"] | flags["clip_low"]
     cov_BT = clip_cov_mask(logp_BT, adv_BT, m_BT, clipped_BT, cov_ratio=cov_ratio, lb=cov_lb, ub=cov_ub,
                            generator=generator)

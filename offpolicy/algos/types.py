@@ -63,6 +63,15 @@ def log_ratio(logp_BT: Tensor, denom_BT: Tensor, m_BT: Tensor) -> Tensor:
     return clean(logp_BT - clean(denom_BT.to(logp_BT.dtype), m_BT), m_BT)
 
 
+MAX_LOG_RATIO = 20.0
+
+
+def ratio_of(log_ratio_BT: Tensor) -> Tensor:
+    """``exp(log_ratio)`` with the log-ratio clamped to [-20, 20] (as verl does): an extreme ratio would
+    otherwise give ``0 * inf = nan`` in the backward pass of a clipped token. Changes nothing below e^20."""
+    return log_ratio_BT.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+
+
 def masked_frac(flag_BT: Tensor, m_BT: Tensor) -> Tensor:
     """Fraction of masked-in tokens where ``flag_BT`` holds (0 for an empty mask); detached."""
     n = m_BT.sum().clamp(min=1)

@@ -77,3 +77,15 @@ def test_empty_mask_stats_are_finite():
         out = POLICY_LOSSES[name](logp, inputs, **params)
         assert (out.loss_BT == 0).all()
         assert all(torch.isfinite(v) for v in out.stats.values()), name
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_extreme_ratios_on_the_mask_stay_finite(name, params):
+    # log-ratios of +-200 on real tokens: exp would overflow to inf and give 0 * inf = nan gradients
+    logp = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], dtype=torch.float32, requires_grad=True)
+    denom = torch.tensor([[-201.0, 199.0, -1.0, -201.0]])
+    inputs = LossInputs(torch.tensor([[1.0, -1.0, 0.5, -1.0]]), torch.ones(1, 4), old_logp=denom, behav_logp=denom,
+                        ref_logp=denom, center_logp=denom)
+    out = POLICY_LOSSES[name](logp, inputs, **params)
+    (grad,) = torch.autograd.grad(out.loss_BT.sum(), logp)
+    assert torch.isfinite(out.loss_BT).all() and torch.isfinite(grad).all()
