@@ -4,7 +4,7 @@ The official training code is not public; these follow the paper's descriptions.
 
 - Mix-PPG: for a sample drawn from an older policy ``pi_{k-i}`` (its ``behav_logp``), the ratio is
   ``r = pi_theta / pi_{k-i}`` and the clip window is centred at ``c = pi_k / pi_{k-i}`` (``center_logp`` =
-  log pi_k, usually the step's ``old_logp``): ``l = -min(r*A, clip(r, c - eps, c + eps)*A)``. Fresh data
+  log pi_k; falls back to the step's ``old_logp``): ``l = -min(r*A, clip(r, c - eps, c + eps)*A)``. Fresh data
   (``behav_logp == center_logp``) has c = 1: plain PPO.
 - KL-Convex: ``beta * [lambda * KL(pi||pi_base) + (1 - lambda) * KL(pi||pi_{k-1})]`` with
   ``lambda(t) = max(1 - drop * ceil(max(t - start, 0) / every), floor)`` (:func:`kl_convex_lambda`).
@@ -23,14 +23,19 @@ from .types import LossInputs, LossOut, finish, log_ratio, prepare, ratio_of, ra
 
 @builtin("policy_loss", "mix_ppg")
 def mix_ppg(logp_BT: Tensor, inputs: LossInputs, *, eps: float = 0.2, dual_clip: float | None = None) -> LossOut:
-    """Mix-PPG per-token loss; needs ``behav_logp`` (pi_{k-i}) and ``center_logp`` (pi_k).
+    """Mix-PPG per-token loss; needs ``behav_logp`` (pi_{k-i}) and ``center_logp`` (pi_k); without
+    ``center_logp`` the step's ``old_logp`` is pi_k (ALGORITHMS.md §9).
 
     Stats: the usual clip fractions and ratio stats, plus ``center_*`` stats of c (``center_is_one`` = 1
     on fresh data).
     """
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)
     behav_BT = require(inputs, "behav_logp", "mix_ppg")
-    center_lr_BT = log_ratio(require(inputs, "center_logp", "mix_ppg").detach(), behav_BT, m_BT)
+    center_BT = inputs.center_logp if inputs.center_logp is not None else inputs.old_logp
+    if center_BT is None:
+        raise ValueError("policy loss 'mix_ppg' needs LossInputs.center_logp (or old_logp, the policy pi_k "
+                         "that centres the clip window), both are None")
+    center_lr_BT = log_ratio(center_BT.detach(), behav_BT, m_BT)
     lr_BT = log_ratio(logp_BT, behav_BT, m_BT)
     c_BT = ratio_of(center_lr_BT)
     loss_BT, flags = clipped_surrogate(ratio_of(lr_BT), adv_BT, c_BT - eps, c_BT + eps, dual_clip)

@@ -61,6 +61,11 @@ def test_reduces_to_ppo_with_kl_to_base():
 
 
 def test_mix_ppg_needs_center():
-    with pytest.raises(ValueError, match="center_logp"):
+    with pytest.raises(ValueError, match="'mix_ppg'.*center_logp"):
         POLICY_LOSSES["mix_ppg"](torch.zeros(1, 2), LossInputs(torch.ones(1), torch.ones(1, 2),
                                                                behav_logp=torch.zeros(1, 2)))
+    # without center_logp, old_logp (pi_k) centres the window
+    logp, old, behav = torch.zeros(1, 2), torch.full((1, 2), 0.3), torch.zeros(1, 2)
+    a = POLICY_LOSSES["mix_ppg"](logp, LossInputs(torch.ones(1), torch.ones(1, 2), old_logp=old, behav_logp=behav))
+    b = POLICY_LOSSES["mix_ppg"](logp, LossInputs(torch.ones(1), torch.ones(1, 2), behav_logp=behav, center_logp=old))
+    assert torch.equal(a.loss_BT, b.loss_BT)
