@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-from .registry import PRESETS, bind, lookup, register
+from .registry import bind, lookup, register
 
 Spec = tuple[str, dict[str, Any]]
 
