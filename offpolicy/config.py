@@ -32,7 +32,7 @@ class ModelConfig(_Section):
 class TasksConfig(_Section):
     name: Literal["arithmetic"] = Field("arithmetic", description="Task family.")
     seed: int = Field(0, description="Seed of the task generator (train stream and held-out split).")
-    levels: list[int] = Field([1, 2], description="Difficulty levels to mix (1: one step, 2: two steps).")
+    levels: list[int] = Field([1], description="Difficulty levels to mix (1: one step, 2: two steps; the bundled model is trained on 1).")
     eval_size: int = Field(256, ge=1, description="Number of held-out tasks for evaluation.")
 
 

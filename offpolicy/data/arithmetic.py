@@ -10,8 +10,8 @@ drawn from disjoint halves of the problem space (by a hash of the expression), s
 expression can never appear in both. The model answers with the integer and then EOS.
 
 ``slipped_answer`` produces the systematic mistake used to build the bundled model's warm
-start: the carry of the units-digit addition is dropped (``37+48 -> 75``), the tiny-model
-equivalent of a common reasoning slip that RL can then fix.
+start: the carry (or borrow) of the units digits is dropped (``37+48 -> 75``, ``52-27 -> 35``),
+the tiny-model equivalent of a common reasoning slip that RL can then fix.
 """
 
 from __future__ import annotations
@@ -41,26 +41,31 @@ def _split_of(expr: str) -> str:
     return "eval" if h % 10 == 0 else "train"
 
 
-def _make_expr(rng: random.Random, level: int) -> tuple[str, int, tuple[int, int, str]]:
+Step = tuple[int, int, str]
+
+
+def _make_expr(rng: random.Random, level: int) -> tuple[str, int, list[Step]]:
+    """An expression, its value and its steps ``(x, y, op)`` on the true intermediate values."""
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    op = rng.choice("+-")
     if level == 1:
-        return f"{a}{op}{b}", (a + b if op == "+" else a - b), (a, b, op)
+        op = rng.choice("+-")
+        return f"{a}{op}{b}", (a + b if op == "+" else a - b), [(a, b, op)]
     c = rng.randint(1, 29)
-    return f"{a}+{b}-{c}", a + b - c, (a, b, "+")
+    return f"{a}+{b}-{c}", a + b - c, [(a, b, "+"), (a + b, c, "-")]
 
 
-def slipped_answer(first: tuple[int, int, str], expr_value: int) -> int:
-    """The answer with the units carry of the first addition dropped (unchanged if no carry)."""
-    a, b, op = first
-    if op != "+" or (a % 10) + (b % 10) < 10:
-        return expr_value
-    return expr_value - 10
+def step_slip(x: int, y: int, op: str) -> int:
+    """How much dropping this step's units carry (+) or borrow (-) changes the result: -10, +10 or 0."""
+    if op == "+":
+        return -10 if (x % 10) + (y % 10) >= 10 else 0
+    if x >= y:
+        return 10 if (x % 10) < (y % 10) else 0
+    return -10 if (y % 10) < (x % 10) else 0  # x - y = -(y - x): the borrow of y - x
 
 
-def has_carry(first: tuple[int, int, str]) -> bool:
-    a, b, op = first
-    return op == "+" and (a % 10) + (b % 10) >= 10
+def slipped_answer(steps: list[Step], value: int) -> int:
+    """The answer with every units carry / borrow dropped (``37+48 -> 75``, ``52-27 -> 35``)."""
+    return value + sum(step_slip(*st) for st in steps)
 
 
 def generate(split: str, n: int, *, seed: int = 0, levels: tuple[int, ...] = (1, 2)) -> list[Task]:
@@ -76,12 +81,13 @@ def generate(split: str, n: int, *, seed: int = 0, levels: tuple[int, ...] = (1,
         if tries > 200 * n + 10_000:
             raise ValueError(f"cannot draw {n} distinct {split} tasks at levels {levels}")
         level = levels[len(out) % len(levels)]
-        expr, value, first = _make_expr(rng, level)
+        expr, value, steps = _make_expr(rng, level)
         if expr in seen or _split_of(expr) != split:
             continue
         seen.add(expr)
         out.append(Task(f"{split}-{seed}-{len(out)}", f"{expr}=", str(value), level,
-                        {"carry": has_carry(first), "slipped": str(slipped_answer(first, value))}))
+                        {"carry": slipped_answer(steps, value) != value,
+                         "slipped": str(slipped_answer(steps, value))}))
     return out
 
 

@@ -77,7 +77,7 @@ def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
 
     torch.set_num_threads(cfg.train.threads)
     try:  # a typo in a preset or parameter name fails here, before any compute
-        algo = Algorithm.from_config(cfg.algorithm)
+        algo = Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens)
     except ValueError as e:
         raise ConfigError(f"algorithm: {e}") from None
     seed_everything(cfg.train.seed)

@@ -27,17 +27,27 @@ class Algorithm:
     entropy_coef: float = 0.0
 
     @classmethod
-    def from_config(cls, algo_cfg) -> "Algorithm":
-        from offpolicy.algos import PRESETS, bind, resolve_preset
+    def from_config(cls, algo_cfg, *, max_len: int | None = None) -> "Algorithm":
+        """Bind the preset named in ``algo_cfg`` with its overrides (names are checked here).
+
+        ``max_len`` (the generation limit) fills an aggregation's ``max_len`` parameter when neither
+        the preset nor the overrides set it, so Dr. GRPO's constant normaliser is the real L_max.
+        """
+        import inspect
+
+        from offpolicy.algos import AGGREGATIONS, bind, resolve_preset
         from offpolicy.algos.registry import lookup
 
-        adv_fn, loss_fn, agg_fn = resolve_preset(algo_cfg.preset, algo_cfg.advantage_params,
-                                                 algo_cfg.loss_params, algo_cfg.aggregation_params)
         preset = lookup("preset", algo_cfg.preset)
+        agg_params = dict(algo_cfg.aggregation_params)
+        agg_name, preset_agg_params = preset.aggregation
+        if (max_len is not None and "max_len" in inspect.signature(AGGREGATIONS[agg_name]).parameters
+                and "max_len" not in {**preset_agg_params, **agg_params}):
+            agg_params["max_len"] = max_len
+        adv_fn, loss_fn, agg_fn = resolve_preset(algo_cfg.preset, algo_cfg.advantage_params,
+                                                 algo_cfg.loss_params, agg_params)
         kl_coef = preset.kl_coef if algo_cfg.kl_coef is None else algo_cfg.kl_coef
-        kl_name = algo_cfg.kl_estimator or preset.kl_estimator
-        kl_fn = bind("kl", kl_name) if kl_coef > 0 else None
-        assert algo_cfg.preset in PRESETS
+        kl_fn = bind("kl", algo_cfg.kl_estimator or preset.kl_estimator) if kl_coef > 0 else None
         return cls(adv_fn, loss_fn, agg_fn, kl_fn, kl_coef, algo_cfg.entropy_coef)
 
 

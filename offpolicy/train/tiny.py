@@ -88,10 +88,15 @@ def _sft_batch(tokenizer, tasks, rng: random.Random, slip: float):
     return ids, labels
 
 
-def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: int = 600,
-                  batch_size: int = 128, lr: float = 3e-3, slip: float = 0.6,
+def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: int = 1000,
+                  batch_size: int = 128, lr: float = 1e-3, slip: float = 0.6, levels: tuple[int, ...] = (1,),
                   eval_n: int = 256, log=print) -> PretrainResult:
-    """Build, warm-start and save the tiny model. Same seed and arguments give the same weights."""
+    """Build, warm-start and save the tiny model. Same seed and arguments give the same weights.
+
+    The recipe (AdamW, betas (0.9, 0.98), 50 warm-up steps then constant ``lr``, batch 128) was
+    picked by measurement: one-step problems reach ~40% held-out greedy accuracy in ~1000 steps
+    (~1.5 min on 2 cores) while the carry slip caps the greedy answer on carry problems.
+    """
     from offpolicy.rollout.engine import greedy_accuracy
 
     start = time.time()
@@ -99,10 +104,11 @@ def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: in
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = build_model(len(tokenizer), seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng = random.Random(seed)
-    pool = arithmetic.generate("train", 20_000, seed=seed)
+    pool = arithmetic.generate("train", 10_000, seed=seed, levels=levels)
+    eval_tasks = arithmetic.generate("eval", eval_n, seed=0, levels=levels)
     model.train()
     for step in range(steps):
         ids, labels = _sft_batch(tokenizer, rng.sample(pool, batch_size), rng, slip)
@@ -112,10 +118,13 @@ def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % 100 == 0:
-            log(f"pretrain step {step + 1}/{steps} loss {loss.item():.4f}")
+        if (step + 1) % 250 == 0:
+            model.eval()
+            acc = greedy_accuracy(model, tokenizer, eval_tasks)
+            model.train()
+            log(f"pretrain step {step + 1}/{steps} loss {loss.item():.4f} held-out greedy accuracy {acc:.3f}")
     model.eval()
-    acc = greedy_accuracy(model, tokenizer, arithmetic.generate("eval", eval_n, seed=0))
+    acc = greedy_accuracy(model, tokenizer, eval_tasks)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
