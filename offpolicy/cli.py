@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain-tiny", help="build the bundled tiny model (tokenizer + SFT warm start)")
     pt.add_argument("--out", help="output folder (default: offpolicy/assets/tiny-arith)")
     pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--steps", type=int, default=None, help="SFT steps (default: the built-in recipe)")
+    pt.add_argument("--steps", type=int, default=1000, help="SFT steps")
     pt.add_argument("--threads", type=int, default=2)
     pt.set_defaults(fn=_cmd_pretrain_tiny)
     return p

@@ -33,7 +33,7 @@ class TasksConfig(_Section):
     name: Literal["arithmetic"] = Field("arithmetic", description="Task family.")
     seed: int = Field(0, description="Seed of the task generator (train stream and held-out split).")
     levels: list[int] = Field([1], description="Difficulty levels to mix (1: one step, 2: two steps; the bundled model is trained on 1).")
-    eval_size: int = Field(256, ge=1, description="Number of held-out tasks for evaluation.")
+    eval_size: int = Field(512, ge=1, description="Number of held-out tasks for evaluation.")
 
 
 class RolloutConfig(_Section):
@@ -55,12 +55,14 @@ class AlgorithmConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(300, ge=0, description="Training steps (one batch of rollouts each).")
+    steps: int = Field(400, ge=0, description="Training steps (one batch of rollouts each).")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warm-up, down to lr * min_lr_ratio at the last step.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (linear / cosine schedules).")
     micro_batches: int = Field(1, ge=1, description="Gradient-accumulation micro-batches per optimiser step.")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")

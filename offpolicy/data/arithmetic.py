@@ -9,9 +9,11 @@ Every problem is a pure function of ``(seed, index)``; the train and held-out sp
 drawn from disjoint halves of the problem space (by a hash of the expression), so the same
 expression can never appear in both. The model answers with the integer and then EOS.
 
-``slipped_answer`` produces the systematic mistake used to build the bundled model's warm
-start: the carry (or borrow) of the units digits is dropped (``37+48 -> 75``, ``52-27 -> 35``),
-the tiny-model equivalent of a common reasoning slip that RL can then fix.
+``slipped_answer`` produces the systematic mistakes used to build the bundled model's warm start:
+adding without carrying (``37+48 -> 75``, ``85+37 -> 12``) and subtracting the smaller digit from
+the larger in every column (``52-27 -> 35``) — the textbook slips of learners, and the tiny-model
+equivalent of a common reasoning error that RL can then fix. About 60% of one-step problems
+are affected.
 """
 
 from __future__ import annotations
@@ -54,18 +56,29 @@ def _make_expr(rng: random.Random, level: int) -> tuple[str, int, list[Step]]:
     return f"{a}+{b}-{c}", a + b - c, [(a, b, "+"), (a + b, c, "-")]
 
 
-def step_slip(x: int, y: int, op: str) -> int:
-    """How much dropping this step's units carry (+) or borrow (-) changes the result: -10, +10 or 0."""
-    if op == "+":
-        return -10 if (x % 10) + (y % 10) >= 10 else 0
-    if x >= y:
-        return 10 if (x % 10) < (y % 10) else 0
-    return -10 if (y % 10) < (x % 10) else 0  # x - y = -(y - x): the borrow of y - x
+def _digits(x: int, width: int) -> list[int]:
+    return [int(d) for d in str(x).rjust(width, "0")]
 
 
-def slipped_answer(steps: list[Step], value: int) -> int:
-    """The answer with every units carry / borrow dropped (``37+48 -> 75``, ``52-27 -> 35``)."""
-    return value + sum(step_slip(*st) for st in steps)
+def slip_step(x: int, y: int, op: str) -> int:
+    """``x op y`` computed digit by digit with the classic slips: carries dropped for ``+``, and
+    "smaller from larger" in every column for ``-`` (no borrowing); ``x - y`` with ``x < y`` is
+    ``-(y - x)`` slipped the same way. Both bugs are the textbook arithmetic errors of learners."""
+    if op == "-" and x < y:
+        return -slip_step(y, x, "-")
+    width = max(len(str(x)), len(str(y)))
+    cols = zip(_digits(x, width), _digits(y, width))
+    digits = [(a + b) % 10 if op == "+" else abs(a - b) for a, b in cols]
+    return int("".join(map(str, digits)))
+
+
+def slipped_answer(steps: list[Step]) -> int:
+    """The answer with every step slipped, each step applied to the previous slipped result
+    (``37+48 -> 75``, ``85+37 -> 12``, ``52-27 -> 35``)."""
+    value = slip_step(*steps[0])
+    for _, y, op in steps[1:]:
+        value = slip_step(value, y, op)
+    return value
 
 
 def generate(split: str, n: int, *, seed: int = 0, levels: tuple[int, ...] = (1, 2)) -> list[Task]:
@@ -86,8 +99,8 @@ def generate(split: str, n: int, *, seed: int = 0, levels: tuple[int, ...] = (1,
             continue
         seen.add(expr)
         out.append(Task(f"{split}-{seed}-{len(out)}", f"{expr}=", str(value), level,
-                        {"carry": slipped_answer(steps, value) != value,
-                         "slipped": str(slipped_answer(steps, value))}))
+                        {"carry": slipped_answer(steps) != value,
+                         "slipped": str(slipped_answer(steps))}))
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,22 @@ def reward_function(cfg: Config) -> Callable[[str, str], float]:
     return exact_match
 
 
+def lr_multiplier(train_cfg) -> Callable[[int], float]:
+    """Step -> lr factor: linear warm-up, then constant / linear / cosine decay to ``min_lr_ratio``."""
+    warm, total, floor = train_cfg.warmup_steps, max(train_cfg.steps, 1), train_cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if train_cfg.lr_schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(total - warm, 1))
+        shape = 1 - frac if train_cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
 @dataclass
 class RunContext:
     """Everything a runner needs, built once from the config."""
@@ -87,8 +104,7 @@ def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
-    warm = cfg.train.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
     run_dir = run_dir or make_run_dir(cfg)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     train_tasks, eval_tasks = task_source(cfg)

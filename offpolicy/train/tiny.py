@@ -60,6 +60,17 @@ def build_model(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: i
     return LlamaForCausalLM(config)
 
 
+def _portable_tokenizer_class(folder: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast``, which transformers 4.x and 5.x both load
+    (5.x writes its internal name ``TokenizersBackend``, unknown to 4.x)."""
+    import json
+
+    cfg_file = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 @dataclass
 class PretrainResult:
     path: Path
@@ -89,13 +100,14 @@ def _sft_batch(tokenizer, tasks, rng: random.Random, slip: float):
 
 
 def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: int = 1000,
-                  batch_size: int = 128, lr: float = 1e-3, slip: float = 0.6, levels: tuple[int, ...] = (1,),
+                  batch_size: int = 128, lr: float = 1e-3, slip: float = 0.65, levels: tuple[int, ...] = (1,),
                   eval_n: int = 256, log=print) -> PretrainResult:
     """Build, warm-start and save the tiny model. Same seed and arguments give the same weights.
 
-    The recipe (AdamW, betas (0.9, 0.98), 50 warm-up steps then constant ``lr``, batch 128) was
-    picked by measurement: one-step problems reach ~40% held-out greedy accuracy in ~1000 steps
-    (~1.5 min on 2 cores) while the carry slip caps the greedy answer on carry problems.
+    The recipe (AdamW, betas (0.9, 0.98), 50 warm-up steps then constant ``lr``, batch 128, slip
+    0.65, 1000 steps, ~1.5 min on 2 cores) was picked by measurement: the model becomes nearly exact
+    on problems without a carry/borrow, while on the ~60% with one the slipped answer stays the
+    greedy choice and the right one keeps real probability — held-out greedy accuracy ~0.44.
     """
     from offpolicy.rollout.engine import greedy_accuracy
 
@@ -129,6 +141,7 @@ def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: in
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    _portable_tokenizer_class(out)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"saved {out} ({n_params:,} parameters), held-out greedy accuracy {acc:.3f}")
     return PretrainResult(out, n_params, acc, time.time() - start)

@@ -25,23 +25,21 @@ def test_answers_are_correct_and_levels_mix():
         assert (t.prompt.count("+") + t.prompt.count("-")) == t.level
 
 
-def test_slipped_answer_drops_units_carries_and_borrows():
-    # 37 + 48: units 7 + 8 = 15 carries, so the slip gives 75 instead of 85
-    assert arithmetic.slipped_answer([(37, 48, "+")], 85) == 75
-    # 52 - 27: units 2 < 7 borrows, so the slip gives 35 instead of 25
-    assert arithmetic.slipped_answer([(52, 27, "-")], 25) == 35
-    # 37 + 48 - 9 = 76: the carry (-10) and the borrow of 85 - 9 (5 < 9, +10) cancel: 76
-    assert arithmetic.slipped_answer([(37, 48, "+"), (85, 9, "-")], 76) == 76
-    # 37 + 48 - 3 = 82: only the carry slips -> 72
-    assert arithmetic.slipped_answer([(37, 48, "+"), (85, 3, "-")], 82) == 72
-    # no carry (31 + 42), no borrow (91 - 26 borrows? 1 < 6 yes -> 75; 96 - 21 no -> 75)
-    assert arithmetic.slipped_answer([(31, 42, "+")], 73) == 73
-    assert arithmetic.slipped_answer([(96, 21, "-")], 75) == 75
-    assert arithmetic.slipped_answer([(91, 26, "-")], 65) == 75
-    # a negative result is computed as -(65 - 12): no borrow there, so 12 - 65 is unchanged;
-    # 17 - 62 = -(62 - 17) borrows (2 < 7): the slip gives -(55) instead of -(45)
-    assert arithmetic.slipped_answer([(12, 65, "-")], -53) == -53
-    assert arithmetic.slipped_answer([(17, 62, "-")], -45) == -55
+def test_slipped_answer_adds_without_carry_and_subtracts_smaller_from_larger():
+    # 37 + 48: columns 3+4=7, 7+8=15 -> 5 (carry dropped): 75 instead of 85
+    assert arithmetic.slipped_answer([(37, 48, "+")]) == 75
+    # 85 + 37: 8+3=11 -> 1, 5+7=12 -> 2: 12 instead of 122 (both carries dropped)
+    assert arithmetic.slipped_answer([(85, 37, "+")]) == 12
+    # 52 - 27: |5-2|=3, |2-7|=5: 35 instead of 25 (smaller from larger, no borrow)
+    assert arithmetic.slipped_answer([(52, 27, "-")]) == 35
+    # 17 - 62 = -(62 - 17): |6-1|=5, |2-7|=5 -> -55 instead of -45
+    assert arithmetic.slipped_answer([(17, 62, "-")]) == -55
+    # no carry / no borrow: unchanged (31 + 42 = 73, 96 - 21 = 75, 12 - 65 = -(53))
+    assert arithmetic.slipped_answer([(31, 42, "+")]) == 73
+    assert arithmetic.slipped_answer([(96, 21, "-")]) == 75
+    assert arithmetic.slipped_answer([(12, 65, "-")]) == -53
+    # two steps: 37 + 48 - 9 -> 75 (slipped) then 75 - 09: |7-0|=7, |5-9|=4 -> 74 (true answer 76)
+    assert arithmetic.slipped_answer([(37, 48, "+"), (85, 9, "-")]) == 74
 
 
 def test_task_meta_records_the_slip():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from offpolicy.algos import resolve_preset
@@ -64,3 +65,18 @@ def test_kl_penalty_is_zero_at_the_reference_and_positive_after_a_change(random_
     batch.ref_logp_BT = None
     stats = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, algo, ref_model=model)
     assert stats["kl"] > 0.0
+
+
+def test_lr_schedules():
+    from offpolicy.config import load_config
+    from offpolicy.pipeline.run import lr_multiplier
+
+    f = lr_multiplier(load_config(None, ["train.steps=10", "train.warmup_steps=2", "train.lr_schedule=linear",
+                                         "train.min_lr_ratio=0.1"]).train)
+    # warm-up 1/2, 2/2; then 1 - 0.9 * (s - 2) / 8: s=2 -> 1, s=6 -> 0.55, s=10 -> 0.1
+    assert [f(0), f(1), f(2), f(6), f(10)] == [0.5, 1.0, 1.0, 0.55, pytest.approx(0.1, abs=1e-12)]
+    g = lr_multiplier(load_config(None, ["train.steps=10", "train.lr_schedule=cosine",
+                                         "train.min_lr_ratio=0.0"]).train)
+    assert g(0) == 1.0 and abs(g(5) - 0.5) < 1e-12 and abs(g(10)) < 1e-12
+    c = lr_multiplier(load_config(None, ["train.steps=10"]).train)
+    assert {c(s) for s in range(12)} == {1.0}
