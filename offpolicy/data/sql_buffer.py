@@ -37,11 +37,12 @@ from offpolicy.data.sampling import GroupMeta, SampleStrategy, Selection
 
 Exec = Callable[..., list]  # ex(sql, params=None) -> rows; params: a dict, or a list of dicts (executemany)
 
+# The index covers every column the strategies read, so the metadata scan of a sample never reads blobs.
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS experiences (seq BIGINT PRIMARY KEY, eid TEXT NOT NULL UNIQUE, "
     "group_id TEXT NOT NULL, version BIGINT NOT NULL, use_count BIGINT NOT NULL, expert INTEGER NOT NULL, "
     "meta TEXT NOT NULL, tensors {blob} NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS experiences_group ON experiences (group_id)",
+    "CREATE INDEX IF NOT EXISTS experiences_meta ON experiences (group_id, seq, version, use_count, expert)",
     "CREATE TABLE IF NOT EXISTS retired (eid TEXT PRIMARY KEY, version BIGINT NOT NULL, "
     "use_count BIGINT NOT NULL, fate TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
