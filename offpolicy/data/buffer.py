@@ -161,8 +161,9 @@ def checked_select(strategy: SampleStrategy, groups: Sequence[GroupMeta], n: int
     unknown = [k for k in (*sel.take, *sel.remove) if k not in by_key]
     if unknown:
         raise ValueError(f"{strategy!r} selected unknown groups {unknown[:3]}")
-    if len(set(sel.take)) < len(sel.take) or not set(sel.replayed) <= set(sel.take):
-        raise ValueError(f"{strategy!r} returned a repeated group or tagged an untaken one as replayed")
+    repeated = len(set(sel.take)) < len(sel.take) or len(set(sel.remove)) < len(sel.remove)
+    if repeated or not set(sel.replayed) <= set(sel.take):
+        raise ValueError(f"{strategy!r} repeated a group or tagged an untaken one as replayed")
     rows = sum(by_key[k].size for k in sel.take)
     if sel.take and rows != n:
         raise ValueError(f"{strategy!r} selected {rows} rows, expected exactly {n} or none")
@@ -174,7 +175,7 @@ def removal_fates(sel: Selection, groups: Sequence[GroupMeta]) -> dict[str, int]
     by_key = {g.key: g for g in groups}
     taken = set(sel.take)
     out = {"used": 0, "dropped": 0}
-    for k in set(sel.remove):
+    for k in sel.remove:
         g = by_key[k]
         out["used" if g.use_count + (k in taken) > 0 else "dropped"] += g.size
     return out
@@ -201,7 +202,8 @@ class _Group:
 
     def meta(self) -> GroupMeta:
         e = self.rows[0]
-        return GroupMeta(e.group_id, self.seq, len(self.rows), e.version, e.use_count, e.expert)
+        use_count = max(r.use_count for r in self.rows)
+        return GroupMeta(e.group_id, self.seq, len(self.rows), e.version, use_count, e.expert)
 
 
 def _copy(e: Experience, **changes) -> Experience:
@@ -223,6 +225,8 @@ class MemoryBuffer:
 
     def put(self, exps: list[Experience]) -> None:
         new = split_groups(exps)
+        if not exps:
+            return
         with self._lock:
             present = [g for g in new if g in self._groups]
             if present:
@@ -253,7 +257,7 @@ class MemoryBuffer:
                     e.use_count += 1
                     out.append(_copy(e, replayed=e.replayed or key in sel.replayed))
             for key in sel.remove:
-                self._retire(key, "used" if self._groups[key].rows[0].use_count > 0 else "dropped")
+                self._retire(key, "used" if self._groups[key].meta().use_count > 0 else "dropped")
             self._counts["sampled"] += len(out)
             return out
 

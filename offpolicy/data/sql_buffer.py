@@ -191,6 +191,8 @@ class _SQLStore:
 
     def put(self, exps: list[Experience]) -> None:
         new = split_groups(exps)
+        if not exps:
+            return
         rows = [_encode(e) for e in exps]  # serialise before taking the lock
         with self._db.transaction() as ex:
             self._check_new(ex, list(new), [e.eid for e in exps])

@@ -84,6 +84,7 @@ def test_round_trip_keeps_every_field(make_buffer):
 
 def test_put_is_atomic_and_refuses_split_or_repeated_groups(make_buffer):
     buf = make_buffer()
+    buf.put([])  # nothing to do
     buf.put(group("a"))
     with pytest.raises(ValueError, match="already in the buffer"):
         buf.put(group("b") + group("a", seed=5))  # b is valid, a is not: neither goes in

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -110,3 +111,33 @@ def test_concurrent_writer_process_and_reader_lose_and_repeat_nothing(tmp_path):
     assert buf.stats() == (0, 2 * n_groups, 2 * n_groups, 2 * n_groups, 0, 0)
     assert {tuple(e[:2]) for e in buf.ledger().values()} == {("used", 1)}
     buf.close()
+
+
+def test_resume_from_the_file_and_strategy_state_repeats_the_choices(tmp_path):
+    def feed(buf, step):
+        buf.put(group(2 * step) + group(2 * step + 1))
+
+    buf = SQLiteBuffer(tmp_path / "a.sqlite")
+    mix = make_strategy("mix", p=0.5, window=2, seed=3)
+    for step in range(3):
+        feed(buf, step)
+        buf.sample(4, mix, now_version=step)
+    buf.close()
+    for suffix in ("", "-wal"):  # a checkpoint: the buffer file and the strategy state
+        if (tmp_path / f"a.sqlite{suffix}").exists():
+            shutil.copy(tmp_path / f"a.sqlite{suffix}", tmp_path / f"b.sqlite{suffix}")
+    saved = json.loads(json.dumps(mix.state_dict()))
+
+    def run(buf, strategy):
+        picks = []
+        for step in range(3, 8):
+            feed(buf, step)
+            picks.append([(e.eid, e.replayed) for e in buf.sample(4, strategy, now_version=step)])
+        buf.close()
+        return picks
+
+    resumed = make_strategy("mix", p=0.5, window=2)
+    resumed.load_state_dict(saved)
+    expected = run(SQLiteBuffer(tmp_path / "a.sqlite"), mix)
+    assert run(SQLiteBuffer(tmp_path / "b.sqlite"), resumed) == expected
+    assert any(replayed for batch in expected for _, replayed in batch)
