@@ -33,7 +33,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from offpolicy.config import load_config
-    from offpolicy.pipeline.sync import run_sync
+    from offpolicy.pipeline import run as run_pipeline
     from offpolicy.train.metrics import read_metrics
 
     out = Path(args.out)
@@ -43,7 +43,7 @@ def main() -> None:
         overrides.append(f"train.steps={args.steps}")
     cfg = load_config(None, overrides)
     t0 = time.perf_counter()
-    res = run_sync(cfg, log=lambda *a: None)
+    res = run_pipeline(cfg, log=lambda *a: None)
     wall = time.perf_counter() - t0
     train = read_metrics(res.run_dir, "train")[args.warmup :]
     evals = read_metrics(res.run_dir, "eval")

@@ -29,7 +29,7 @@ class _Progress:
         if eval_acc is not None:
             self._acc = eval_acc
         info = (f"reward {record['reward_mean']:.3f}  entropy {record.get('entropy', 0):.3f}  "
-                f"eval acc {self._acc:.3f}  step {record['gen_s'] + record['train_s']:.2f}s")
+                f"eval acc {self._acc:.3f}  step {record['step_s']:.2f}s")
         self._bar.update(self._task, completed=step, info=info)
 
     def stop(self) -> None:
@@ -45,12 +45,12 @@ def _cmd_train(args) -> int:
 
     console = Console()
     cfg = load_config(args.config, args.overrides)
-    from offpolicy.pipeline.sync import run_sync
+    from offpolicy.pipeline import run
 
     console.print("[bold]resolved config[/bold]")
     console.print_json(cfg.model_dump_json())
     progress = _Progress(console) if cfg.run.progress else None
-    res = run_sync(cfg, progress=progress, log=console.print)
+    res = run(cfg, progress=progress, log=console.print)
     table = Table(title=f"offpolicy train — {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s")
     table.add_column("held-out greedy accuracy")
     table.add_column("before", justify="right")
@@ -68,7 +68,7 @@ def _cmd_eval(args) -> int:
     from rich.console import Console
 
     from offpolicy.config import load_config
-    from offpolicy.pipeline.run import reward_function, task_source
+    from offpolicy.pipeline.context import reward_function, task_source
     from offpolicy.rollout.model import load_policy
     from offpolicy.train.evaluate import evaluate
 

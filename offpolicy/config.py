@@ -64,8 +64,23 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warm-up, down to lr * min_lr_ratio at the last step.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (linear / cosine schedules).")
     micro_batches: int = Field(1, ge=1, description="Gradient-accumulation micro-batches per optimiser step.")
+    updates_per_batch: int = Field(1, ge=1, description="Update-to-data ratio: optimiser passes over each batch (reuse).")
+    mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass over a batch (the batch is split in whole groups' rows).")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
+
+
+class PipelineConfig(_Section):
+    mode: Literal["sync", "async"] = Field("sync", description="'sync': generate then train, alternating; 'async': the explorer runs in its own process.")
+    sync_interval: int = Field(1, ge=1, description="Publish weights to the explorer every k trainer steps.")
+    sync_offset: int = Field(0, ge=0, description="The explorer runs n batches ahead: batch e is generated with weights of version e - n (rounded down to a multiple of sync_interval).")
+    max_staleness: int | None = Field(None, ge=0, description="Bound on trainer version - generating version; None = sync_offset + sync_interval - 1 (the least that the schedule needs).")
+    explorer_threads: int = Field(1, ge=1, description="torch threads of the explorer process (async).")
+
+
+class BufferConfig(_Section):
+    kind: Literal["memory", "sqlite"] | None = Field(None, description="None: SQLite file <run_dir>/buffer.db in async mode, in-memory in sync mode.")
+    capacity: int | None = Field(None, ge=1, description="Maximum rows; the oldest groups are evicted first.")
 
 
 class EvalConfig(_Section):
@@ -88,15 +103,30 @@ class Config(_Section):
     rollout: RolloutConfig = RolloutConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     train: TrainConfig = TrainConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    buffer: BufferConfig = BufferConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
-        if self.train.micro_batches > self.rollout.prompts_per_step * self.rollout.group_size:
-            raise ValueError("train.micro_batches must not exceed the batch size "
+        rows = self.rollout.prompts_per_step * self.rollout.group_size
+        if self.train.micro_batches * self.train.mini_batches > rows:
+            raise ValueError("train.mini_batches * train.micro_batches must not exceed the batch size "
                              "(rollout.prompts_per_step * rollout.group_size)")
+        p = self.pipeline
+        if p.max_staleness is not None and p.max_staleness < p.sync_offset + p.sync_interval - 1:
+            raise ValueError(f"pipeline.max_staleness={p.max_staleness} is below what pipeline.sync_offset="
+                             f"{p.sync_offset} and pipeline.sync_interval={p.sync_interval} produce "
+                             f"(sync_offset + sync_interval - 1 = {p.sync_offset + p.sync_interval - 1})")
+        if p.mode == "sync" and (p.sync_offset or p.sync_interval > 1):
+            raise ValueError("pipeline.sync_offset / pipeline.sync_interval need pipeline.mode=async")
         return self
+
+    @property
+    def staleness_bound(self) -> int:
+        p = self.pipeline
+        return p.sync_offset + p.sync_interval - 1 if p.max_staleness is None else p.max_staleness
 
 
 # ---------------------------------------------------------------------------- loading
@@ -169,6 +199,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         lines = []
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"]) or "config"
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+            got = f" (got {err.get('input')!r})" if err["loc"] else ""
+            lines.append(f"  {loc}: {err['msg']}{got}")
         src = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{src}:\n" + "\n".join(lines)) from None

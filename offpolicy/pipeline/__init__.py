@@ -1,0 +1,14 @@
+"""Runners that wire explorer <-> buffer <-> trainer: ``sync`` and ``async`` (local processes)."""
+
+from __future__ import annotations
+
+
+def run(cfg, **kwargs):
+    """Run ``cfg`` with the runner its ``pipeline.mode`` names; returns a RunResult."""
+    if cfg.pipeline.mode == "async":
+        from offpolicy.pipeline.asynchronous import run_async
+
+        return run_async(cfg, **kwargs)
+    from offpolicy.pipeline.sync import run_sync
+
+    return run_sync(cfg, **kwargs)

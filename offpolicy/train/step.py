@@ -74,25 +74,32 @@ def _stat(x) -> float:
     return float(x.detach().float()) if torch.is_tensor(x) else float(x)
 
 
-def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: float = 1.0,
-               micro_batches: int = 1, temperature: float = 1.0, ref_model=None,
-               scheduler=None) -> dict[str, float]:
-    """One optimiser step on ``batch``; returns the step's statistics.
+def needs_input(loss_fn: Callable, field: str, *, available: tuple[str, ...] = ("behav_logp",)) -> bool:
+    """Whether ``loss_fn`` needs ``LossInputs.<field>`` when only ``available`` fields are given.
 
-    ``old_logp``: the batch's own if set (recomputed by the caller for multi-pass reuse); otherwise
-    the detached current log-probs, which is exact here because the weights do not change before
-    the optimiser step — so a single-pass step pays no extra forward for it.
+    Probes the loss once on a 1x1 dummy (a loss raises a ValueError naming a missing field), so user
+    losses registered with ``offpolicy.algos.register`` are covered without any declaration.
     """
-    model.train()
-    adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
+    z = torch.zeros(1, 1)
+    kw = {f: (z if f in available else None) for f in ("old_logp", "behav_logp", "ref_logp", "center_logp")}
+    kw[field] = None
+    try:
+        loss_fn(z.clone().requires_grad_(), LossInputs(adv=torch.ones(1), mask=torch.ones(1, 1), **kw))
+    except ValueError as e:
+        return f"LossInputs.{field}" in str(e)
+    return False
+
+
+def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: Algorithm, *, grad_clip: float,
+                    micro_batches: int, temperature: float, sums: dict[str, float]) -> None:
+    """Accumulate gradients over micro-batches (normalised by this mini-batch's totals), then step."""
     n_tokens = batch.mask_BT.sum().clamp(min=1)
     n_seqs = len(batch)
-    if algo.kl_fn is not None and batch.ref_logp_BT is None:
-        with torch.no_grad():
-            batch.ref_logp_BT, _ = response_logp(ref_model, batch, temperature=temperature)
     optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
-    loss_total = 0.0
+
+    def add(key: str, value) -> None:
+        sums[key] = sums.get(key, 0.0) + _stat(value)
+
     for idx in torch.arange(n_seqs).tensor_split(micro_batches):
         mb = batch.select(idx)
         logp_BT, entropy_BT = response_logp(model, mb, temperature=temperature, with_entropy=True)
@@ -104,19 +111,52 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
             kl = algo.agg_fn(algo.kl_fn(logp_BT, mb.ref_logp_BT) * mb.mask_BT, mb.mask_BT,
                              num_tokens=n_tokens, num_seqs=n_seqs)
             loss = loss + algo.kl_coef * kl
-            sums["kl"] = sums.get("kl", 0.0) + _stat(kl)
+            add("kl_ref", kl)
         ent = algo.agg_fn(entropy_BT * mb.mask_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * ent
         loss.backward()
-        loss_total += _stat(loss)
-        sums["entropy"] = sums.get("entropy", 0.0) + _stat(ent)
+        add("loss", loss)
+        add("entropy", ent)
+        # k1 estimate of KL(behav || old) under the behaviour samples: mean of behav_logp - old_logp
+        add("kl_behav_old", ((mb.behav_logp_BT - old) * mb.mask_BT).sum() / n_tokens)
         w = len(idx) / n_seqs  # loss stats are per-micro-batch means: weight by share of rows
         for k, v in out.stats.items():
-            sums[f"loss/{k}"] = sums.get(f"loss/{k}", 0.0) + w * _stat(v)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            add(f"loss/{k}", w * _stat(v))
+    add("grad_norm", torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     optimizer.step()
+
+
+def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: float = 1.0,
+               micro_batches: int = 1, mini_batches: int = 1, updates_per_batch: int = 1,
+               temperature: float = 1.0, ref_model=None, scheduler=None,
+               needs_old: bool = True) -> dict[str, float]:
+    """Train on one batch: ``updates_per_batch`` passes, each of ``mini_batches`` optimiser steps.
+
+    Advantages are computed once per batch. ``old_logp`` (the proximal policy) is recomputed at the
+    start, with one no-grad forward, only when the batch is reused (several optimiser steps) and the
+    loss reads it (``needs_old``, see :func:`needs_input`); with a single optimiser step the detached
+    current log-probs are exact, because the weights do not change before that step. ``ref_logp`` is
+    computed only when the algorithm has a KL term. Statistics are means over the optimiser steps.
+    """
+    model.train()
+    adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
+    reused = updates_per_batch * mini_batches > 1
+    with torch.no_grad():
+        if algo.kl_fn is not None and batch.ref_logp_BT is None:
+            batch.ref_logp_BT, _ = response_logp(ref_model, batch, temperature=temperature)
+        if reused and needs_old and batch.old_logp_BT is None:
+            batch.old_logp_BT, _ = response_logp(model, batch, temperature=temperature)
+    sums: dict[str, float] = {}
+    n_steps = 0
+    for _ in range(updates_per_batch):
+        for rows in torch.arange(len(batch)).tensor_split(mini_batches):
+            _optimizer_step(model, optimizer, batch.select(rows), adv_B[rows], algo, grad_clip=grad_clip,
+                            micro_batches=micro_batches, temperature=temperature, sums=sums)
+            n_steps += 1
     if scheduler is not None:
         scheduler.step()
-    return {"loss": loss_total, "grad_norm": _stat(grad_norm), "adv_abs_mean": _stat(adv_B.abs().mean()),
-            **sums}
+    stats = {k: v / n_steps for k, v in sums.items()}
+    stats["adv_abs_mean"] = _stat(adv_B.abs().mean())
+    stats["optimizer_steps"] = n_steps
+    return stats

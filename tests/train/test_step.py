@@ -61,15 +61,15 @@ def test_kl_penalty_is_zero_at_the_reference_and_positive_after_a_change(random_
     policy.load_state_dict(model.state_dict())
     algo = Algorithm(*resolve_preset("grpo"), kl_fn=lambda lp, ref: (lp - ref) ** 2, kl_coef=0.1)
     stats = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.5), batch, algo, ref_model=model)
-    assert stats["kl"] == 0.0
+    assert stats["kl_ref"] == 0.0
     batch.ref_logp_BT = None
     stats = train_step(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, algo, ref_model=model)
-    assert stats["kl"] > 0.0
+    assert stats["kl_ref"] > 0.0
 
 
 def test_lr_schedules():
     from offpolicy.config import load_config
-    from offpolicy.pipeline.run import lr_multiplier
+    from offpolicy.pipeline.context import lr_multiplier
 
     f = lr_multiplier(load_config(None, ["train.steps=10", "train.warmup_steps=2", "train.lr_schedule=linear",
                                          "train.min_lr_ratio=0.1"]).train)

@@ -7,7 +7,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -17,10 +17,24 @@ from offpolicy.config import Config, ConfigError
 
 
 def make_run_dir(cfg: Config) -> Path:
+    """Create the run directory; refuse one that already holds a run, so nothing there is overwritten."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(cfg.run.dir.format(preset=cfg.algorithm.preset, time=stamp))
+    for name in ("metrics.jsonl", "buffer.db"):
+        if (path / name).exists():
+            raise ConfigError(f"run.dir: {path} already holds a run ({name}); choose another run.dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def open_run_buffer(cfg: Config, run_dir: Path):
+    """The run's experience buffer: SQLite ``<run_dir>/buffer.db`` (async default) or in memory (sync default)."""
+    from offpolicy.data.buffer import open_buffer
+
+    kind = cfg.buffer.kind or ("sqlite" if cfg.pipeline.mode == "async" else "memory")
+    if kind == "memory" and cfg.pipeline.mode == "async":
+        raise ConfigError("buffer.kind=memory cannot be shared with the explorer process; use sqlite in async mode")
+    return open_buffer(None if kind == "memory" else str(run_dir / "buffer.db"), capacity=cfg.buffer.capacity)
 
 
 def seed_everything(seed: int) -> None:
@@ -77,20 +91,15 @@ class RunContext:
     scheduler: object
     algo: object
     ref_model: torch.nn.Module | None
-    train_tasks: Iterator
     eval_tasks: list
     reward_fn: Callable[[str, str], float]
-    generator: torch.Generator
-    history: list[dict] = field(default_factory=list)
-
-    def next_tasks(self) -> list:
-        return [next(self.train_tasks) for _ in range(self.cfg.rollout.prompts_per_step)]
+    needs_old: bool
 
 
 def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
     """Validate the algorithm first (cheap), then load the model and build the optimiser."""
     from offpolicy.rollout.model import load_policy
-    from offpolicy.train.step import Algorithm
+    from offpolicy.train.step import Algorithm, needs_input
 
     torch.set_num_threads(cfg.train.threads)
     try:  # a typo in a preset or parameter name fails here, before any compute
@@ -105,8 +114,9 @@ def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
-    run_dir = run_dir or make_run_dir(cfg)
+    run_dir = make_run_dir(cfg) if run_dir is None else run_dir
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    train_tasks, eval_tasks = task_source(cfg)
-    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, train_tasks, eval_tasks,
-                      reward_function(cfg), torch.Generator().manual_seed(cfg.train.seed))
+    available = ("behav_logp",) + (("ref_logp",) if algo.kl_fn is not None else ())
+    needs_old = needs_input(algo.loss_fn, "old_logp", available=available)
+    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, task_source(cfg)[1],
+                      reward_function(cfg), needs_old)

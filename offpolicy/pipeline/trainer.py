@@ -1,0 +1,106 @@
+"""The trainer side shared by every runner: train on a batch of experiences, log, evaluate, save.
+
+Per step it writes one ``kind="train"`` record (reward, accuracy, entropy, loss statistics,
+staleness histogram, timings) and, at the start / every ``eval.every`` steps / the end, one
+``kind="eval"`` record with the held-out greedy accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offpolicy.data.experience import Experience, collate
+from offpolicy.pipeline.context import RunContext
+from offpolicy.train.evaluate import evaluate
+from offpolicy.train.metrics import MetricsWriter
+from offpolicy.train.step import train_step
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    eval_before: dict
+    eval_after: dict
+    steps: int
+    seconds: float
+
+
+def batch_metrics(exps: list[Experience], trainer_version: int) -> dict:
+    """Reward, accuracy, length and staleness (trainer version - generating version) of a batch."""
+    rewards = torch.tensor([e.reward for e in exps])
+    lengths = torch.tensor([len(e.response_ids) for e in exps], dtype=torch.float32)
+    ages = [trainer_version - e.version for e in exps]
+    out = {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(exps) > 1 else 0.0,
+        "accuracy": sum(bool(e.info.get("correct")) for e in exps) / len(exps),
+        "response_len": float(lengths.mean()), "response_tokens": int(lengths.sum()), "samples": len(exps),
+        "staleness_min": min(ages), "staleness_mean": sum(ages) / len(ages), "staleness_max": max(ages),
+        "replayed_frac": sum(e.replayed for e in exps) / len(exps),
+    }
+    out.update({f"staleness_count/{age}": n for age, n in sorted(Counter(ages).items())})
+    return out
+
+
+class TrainLoop:
+    """Owns the metrics writer and the progress bar; ``train(exps, step, timings)`` does one step."""
+
+    def __init__(self, ctx: RunContext, *, progress=None):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.writer = MetricsWriter(ctx.run_dir, tensorboard=self.cfg.run.tensorboard)
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.eval_before = self.evaluate(0)
+        self.last_eval = self.eval_before["accuracy"]
+        if progress:
+            progress.start(self.cfg.train.steps, self.last_eval)
+
+    def evaluate(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        res = evaluate(self.ctx.model, self.ctx.tokenizer, self.ctx.eval_tasks, self.ctx.reward_fn,
+                       max_new_tokens=self.cfg.rollout.max_new_tokens)
+        self.writer.write({"kind": "eval", "step": step, **res, "eval_s": time.perf_counter() - t0})
+        return res
+
+    def train(self, exps: list[Experience], step: int) -> dict:
+        """Train step ``step`` (1-based; trainer version ``step - 1`` before it) on ``exps``; its record."""
+        c = self.cfg
+        t0 = time.perf_counter()
+        batch = collate(exps, self.ctx.tokenizer.pad_token_id)
+        stats = train_step(self.ctx.model, self.ctx.optimizer, batch, self.ctx.algo, grad_clip=c.train.grad_clip,
+                           micro_batches=c.train.micro_batches, mini_batches=c.train.mini_batches,
+                           updates_per_batch=c.train.updates_per_batch, temperature=c.rollout.temperature,
+                           ref_model=self.ctx.ref_model, scheduler=self.ctx.scheduler,
+                           needs_old=self.ctx.needs_old)
+        return {"kind": "train", "step": step, "version": step - 1, **batch_metrics(exps, step - 1),
+                **stats, "train_s": time.perf_counter() - t0}
+
+    def log(self, record: dict, timings: dict) -> None:
+        """Add the runner's timings (``step_s``: wall seconds of the whole step), write, evaluate, show."""
+        record = {**record, **timings}
+        record["samples_per_s"] = record["samples"] / max(record["step_s"], 1e-9)
+        record["tokens_per_s"] = record["response_tokens"] / max(record["step_s"], 1e-9)
+        self.writer.write(record)
+        step = record["step"]
+        if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step != self.cfg.train.steps:
+            self.last_eval = self.evaluate(step)["accuracy"]
+        if self.progress:
+            self.progress.update(step, record, self.last_eval)
+
+    def finish(self) -> RunResult:
+        after = self.evaluate(self.cfg.train.steps)
+        if self.cfg.run.save_final:
+            self.ctx.model.save_pretrained(self.ctx.run_dir / "final", safe_serialization=True)
+            self.ctx.tokenizer.save_pretrained(self.ctx.run_dir / "final")
+        return RunResult(self.ctx.run_dir, self.eval_before, after, self.cfg.train.steps,
+                         time.perf_counter() - self.start)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.progress:
+            self.progress.stop()

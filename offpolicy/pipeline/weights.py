@@ -1,0 +1,66 @@
+"""Publishing trainer weights to the explorer process through shared memory, with versions.
+
+One slot of shared-memory tensors (a copy of the policy's state dict) plus two counters: the
+version in the slot and the last version the explorer loaded. The trainer overwrites the slot
+only after the explorer has loaded what was there, so the explorer always gets exactly the version
+its schedule asks for (no race that would make staleness depend on timing). Publishing is one
+in-memory copy of the parameters (~2 MB for the bundled model) and its time is logged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class WeightChannel:
+    """Created by the trainer before the explorer process starts; pickled into it (spawn)."""
+
+    def __init__(self, model: torch.nn.Module, mp_context):
+        self.tensors = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in model.state_dict().items()}
+        self._published = mp_context.Value("q", -1, lock=False)
+        self._loaded = mp_context.Value("q", -1, lock=False)
+        self._cond = mp_context.Condition()
+
+    @property
+    def published(self) -> int:
+        return self._published.value
+
+    def publish(self, model: torch.nn.Module, version: int, *, after_loaded: int | None,
+                timeout: float = 600.0) -> tuple[float, float]:
+        """Copy ``model``'s weights into the slot as ``version`` once the explorer has loaded
+        ``after_loaded`` (None: do not wait). Returns (seconds waited, seconds copying)."""
+        t0 = time.perf_counter()
+        with self._cond:
+            if after_loaded is not None and not self._cond.wait_for(
+                    lambda: self._loaded.value >= after_loaded, timeout):
+                raise TimeoutError(f"explorer did not load weight version {after_loaded} within {timeout:.0f} s")
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    self.tensors[k].copy_(v.detach())
+            self._published.value = version
+            self._cond.notify_all()
+        return t1 - t0, time.perf_counter() - t1
+
+    def load(self, model: torch.nn.Module, version: int, *, timeout: float = 600.0, alive=None) -> tuple[float, float]:
+        """Wait for ``version`` in the slot and copy it into ``model``. Returns (seconds waited, copying).
+
+        ``alive``: a callable checked while waiting, so a dead trainer ends the wait with an error.
+        """
+        t0 = time.perf_counter()
+        deadline = t0 + timeout
+        with self._cond:
+            while self._published.value < version:
+                if time.perf_counter() > deadline or (alive is not None and not alive()):
+                    raise TimeoutError(f"weight version {version} was not published")
+                self._cond.wait(0.5)
+            if self._published.value != version:
+                raise RuntimeError(f"weight slot holds version {self._published.value}, expected {version}")
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                model.load_state_dict(self.tensors)
+            self._loaded.value = version
+            self._cond.notify_all()
+        return t1 - t0, time.perf_counter() - t1

@@ -1,0 +1,64 @@
+"""The asynchronous pipeline: equivalence with sync at staleness 0, and the staleness schedule."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from offpolicy.config import load_config
+from offpolicy.pipeline import run
+from offpolicy.pipeline.explorer import weights_version
+from offpolicy.train.metrics import read_metrics
+
+SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=32", "eval.every=10",
+         "run.progress=false", "run.tensorboard=false", "train.threads=1", "pipeline.explorer_threads=1"]
+TIMING = ("_s", "per_s")
+
+
+def _run(tmp_path, name, *overrides):
+    cfg = load_config(None, [*SMALL, f"run.dir={tmp_path / name}", *overrides])
+    run(cfg, log=lambda *a: None)
+    return tmp_path / name
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING)} for r in rows]
+
+
+def test_async_at_staleness_zero_equals_sync(tmp_path):
+    a = _run(tmp_path, "sync", "train.steps=20")
+    b = _run(tmp_path, "async", "train.steps=20", "pipeline.mode=async")
+    ra, rb = read_metrics(a), read_metrics(b)
+    assert len(ra) == len(rb) == 20 + 3  # 20 train records; evaluations at steps 0, 10 and 20 (the last)
+    assert _comparable(ra) == _comparable(rb)
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(r["staleness_max"] == 0 for r in read_metrics(b, "train"))
+
+
+@pytest.mark.parametrize("offset, interval", [(0, 1), (1, 1), (2, 1), (0, 3), (1, 2)])
+def test_weights_version_schedule(offset, interval):
+    for e in range(30):
+        v = weights_version(e, sync_offset=offset, sync_interval=interval)
+        assert v % interval == 0 and 0 <= v <= e
+        if e >= offset:
+            assert offset <= e - v <= offset + interval - 1
+        else:
+            assert v == 0
+
+
+def test_sync_offset_gives_staleness_within_bounds(tmp_path):
+    n = 2
+    d = _run(tmp_path, "offset", "train.steps=8", "pipeline.mode=async", f"pipeline.sync_offset={n}",
+             "eval.every=0")
+    rows = read_metrics(d, "train")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for r in rows:
+        # batch e = step - 1 is trained at version e; from batch n on, its staleness is exactly n
+        e = r["step"] - 1
+        expected = min(e, n)
+        assert r["staleness_min"] == r["staleness_max"] == expected
+        assert r["staleness_max"] <= json.loads((d / "config.json").read_text())["pipeline"]["sync_offset"]
+    assert any(r["staleness_min"] == n for r in rows)
