@@ -51,23 +51,60 @@ class Algorithm:
         return cls(adv_fn, loss_fn, agg_fn, kl_fn, kl_coef, algo_cfg.entropy_coef)
 
 
-def response_logp(model, batch: Batch, *, temperature: float = 1.0,
-                  with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of the response tokens under ``model`` (one forward over prompt + response).
+def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False,
+                  share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, T) of the response tokens under ``model`` (and the entropy if asked).
 
-    Logits are divided by the sampling temperature so that they match ``behav_logp``.
+    Logits are divided by the sampling temperature so that they match ``behav_logp``. With
+    ``share_prefix`` and rows that repeat a prompt (the K responses of a group), each distinct
+    prompt is run once and its KV cache is indexed out to its rows; gradients flow back through the
+    shared prompt computation, so values and gradients equal those of one full forward per row
+    (up to float rounding) while the prompt's FLOPs are paid once per group instead of K times.
     """
-    ids, attn = batch.input_ids_BL, batch.attn_BL
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    T = ids.shape[1] - batch.prompt_len
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
-    logits_BTV = logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + T].float()
+    prompts_BP = batch.input_ids_BL[:, : batch.prompt_len]
+    seg_B = torch.cat([torch.zeros(1, dtype=torch.long, device=prompts_BP.device),
+                       (prompts_BP[1:] != prompts_BP[:-1]).any(-1).long()]).cumsum(0)
+    n_prompts = int(seg_B[-1]) + 1
+    if share_prefix and n_prompts < len(batch) and hasattr(_cache_type(), "batch_select_indices"):
+        logits_BTV = _shared_prefix_logits(model, batch, seg_B)
+    else:
+        ids, attn = batch.input_ids_BL, batch.attn_BL
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        T = ids.shape[1] - batch.prompt_len
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        logits_BTV = logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + T]
+    logits_BTV = logits_BTV.float()
     if temperature != 1.0:
         logits_BTV = logits_BTV / temperature
-    logp_BTV = logits_BTV.log_softmax(-1)
-    logp_BT = logp_BTV.gather(-1, batch.response_ids_BT.unsqueeze(-1)).squeeze(-1)
+    logp_BT = logits_BTV.log_softmax(-1).gather(-1, batch.response_ids_BT.unsqueeze(-1)).squeeze(-1)
     entropy_BT = entropy_from_logits(logits_BTV) if with_entropy else None
     return logp_BT, entropy_BT
+
+
+def _cache_type():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) predicting each response token, running each distinct prompt once."""
+    from offpolicy.rollout.engine import _cache_keyword
+
+    P = batch.prompt_len
+    first = torch.cat([torch.ones(1, dtype=torch.bool, device=seg_B.device), seg_B[1:] != seg_B[:-1]])
+    ids_GP, attn_GP = batch.input_ids_BL[first, :P], batch.attn_BL[first, :P]
+    pos_GP = (attn_GP.cumsum(-1) - 1).clamp(min=0)
+    cache = _cache_type()(config=model.config)
+    kw = _cache_keyword(model)
+    out = model(input_ids=ids_GP, attention_mask=attn_GP, position_ids=pos_GP, use_cache=True, **{kw: cache})
+    cache = getattr(out, kw)
+    cache.batch_select_indices(seg_B)  # (G, ...) -> (B, ...) by indexing: differentiable, memory is shared
+    attn_BT = batch.attn_BL[:, P:]
+    pos_BT = attn_GP.sum(-1)[seg_B].unsqueeze(-1) + attn_BT.cumsum(-1) - 1
+    resp = model(input_ids=batch.response_ids_BT, attention_mask=batch.attn_BL, position_ids=pos_BT.clamp(min=0),
+                 use_cache=True, **{kw: cache})
+    return torch.cat([out.logits[:, -1:][seg_B], resp.logits[:, :-1]], dim=1)
 
 
 def _stat(x) -> float:

@@ -80,3 +80,27 @@ def test_lr_schedules():
     assert g(0) == 1.0 and abs(g(5) - 0.5) < 1e-12 and abs(g(10)) < 1e-12
     c = lr_multiplier(load_config(None, ["train.steps=10"]).train)
     assert {c(s) for s in range(12)} == {1.0}
+
+
+def test_shared_prefix_logp_and_gradient_equal_the_full_forward(random_tiny):
+    model, tok = random_tiny
+    # three prompts of different lengths, each repeated (a group) with different responses and lengths
+    exps = []
+    for g, prompt in enumerate(["12+7=", "45+61=", "3-9="]):
+        for k, resp in enumerate(["1", "19", "190", "7"][: 2 + g]):
+            ids = torch.tensor(tok(resp, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            exps.append(Experience(prompt_ids=torch.tensor(tok(prompt)["input_ids"]), response_ids=ids,
+                                   response_mask=torch.ones(len(ids)), behav_logp=torch.zeros(len(ids)),
+                                   reward=float(k == 0), group_id=str(g), task_id=str(g)))
+    batch = collate(exps, tok.pad_token_id)
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        logp, ent = response_logp(model, batch, with_entropy=True, share_prefix=share)
+        ((logp * batch.mask_BT).sum() + (ent * batch.mask_BT).sum()).backward()
+        grads.append((logp.detach(), ent.detach(), [p.grad.clone() for p in model.parameters()]))
+    m = batch.mask_BT.bool()
+    torch.testing.assert_close(grads[0][0][m], grads[1][0][m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(grads[0][1][m], grads[1][1][m], atol=1e-5, rtol=0)
+    for a, b in zip(grads[0][2], grads[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
