@@ -95,6 +95,29 @@ def _cmd_pretrain_tiny(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    import torch
+
+    from offpolicy.pipeline.compare import run_compare
+
+    torch.set_num_threads(2)
+    png, md = run_compare(args.presets, args.seeds, args.out, config=args.config, overrides=args.overrides,
+                          target=args.target)
+    print(md.read_text())
+    print(f"dashboard: {png}\ntable: {md}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from offpolicy.report import dashboard, load_run, summary_table
+
+    runs = [load_run(d) for d in args.run_dirs]
+    table, _ = summary_table(runs, args.target)
+    print(table)
+    print(f"dashboard: {dashboard(runs, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offpolicy", description="Off-policy reinforcement fine-tuning of LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--steps", type=int, default=1000, help="SFT steps")
     pt.add_argument("--threads", type=int, default=2)
     pt.set_defaults(fn=_cmd_pretrain_tiny)
+    c = sub.add_parser("compare", help="run presets x seeds on the same budget; write a PNG dashboard and a table")
+    c.add_argument("--presets", nargs="+", required=True, help="preset names (offpolicy.algos.PRESETS)")
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    c.add_argument("--out", default="runs/compare", help="output folder (runs, dashboard.png, table.md)")
+    c.add_argument("--config", help="YAML config shared by every run")
+    c.add_argument("--target", type=float, help="accuracy target (default: the first preset's final mean)")
+    c.add_argument("overrides", nargs="*", help="dotted overrides shared by every run")
+    c.set_defaults(fn=_cmd_compare)
+    pl = sub.add_parser("plot", help="dashboard PNG and table for existing run directories")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", default="dashboard.png")
+    pl.add_argument("--target", type=float)
+    pl.set_defaults(fn=_cmd_plot)
     return p
 
 
