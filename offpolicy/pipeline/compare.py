@@ -31,10 +31,10 @@ def run_compare(presets: list[str], seeds: list[int], out_dir: str | Path, *, co
                 cfg = load_config(config, [*overrides, *extra, f"algorithm.preset={preset}", f"train.seed={seed}",
                                            f"run.dir={out_dir / name}", "run.progress=false", "run.save_final=false"])
                 plan.append((name, f"{preset}{(' ' + suffix) if suffix else ''}", cfg))
-    from offpolicy.train.step import Algorithm
+    from offpolicy.pipeline.context import bind_algorithm
 
     for _, _, cfg in plan:  # fail on a bad preset or parameter before any run starts
-        Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens)
+        bind_algorithm(cfg)
     curves = []
     for i, (name, label, cfg) in enumerate(plan, 1):
         t0 = time.perf_counter()

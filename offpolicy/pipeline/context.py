@@ -96,16 +96,23 @@ class RunContext:
     needs_old: bool
 
 
+def bind_algorithm(cfg: Config):
+    """The config's algorithm, bound; a typo in a preset or parameter name fails here, before any compute."""
+    from offpolicy.train.step import Algorithm
+
+    try:
+        return Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens)
+    except ValueError as e:
+        raise ConfigError(f"algorithm: {e}") from None
+
+
 def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
     """Validate the algorithm first (cheap), then load the model and build the optimiser."""
     from offpolicy.rollout.model import load_policy
-    from offpolicy.train.step import Algorithm, needs_input
+    from offpolicy.train.step import needs_input
 
     torch.set_num_threads(cfg.train.threads)
-    try:  # a typo in a preset or parameter name fails here, before any compute
-        algo = Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens)
-    except ValueError as e:
-        raise ConfigError(f"algorithm: {e}") from None
+    algo = bind_algorithm(cfg)
     seed_everything(cfg.train.seed)
     model, tokenizer = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
     ref_model = None
