@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from offpolicy.config import Config
 from offpolicy.data.sampling import make_strategy
 from offpolicy.pipeline.explorer import Explorer, weights_version
-from offpolicy.pipeline.context import build_context, open_run_buffer
+from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
 from offpolicy.pipeline.trainer import RunResult, TrainLoop
 from offpolicy.pipeline.weights import WeightChannel
 
@@ -98,6 +98,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, progress=None, log=pr
 
     ctx = build_context(cfg, run_dir)
     log(f"run directory: {ctx.run_dir}")
+    log(describe_logprobs(ctx))
     p = cfg.pipeline
     mpc = mp.get_context("spawn")
     channel = WeightChannel(ctx.model, mpc)

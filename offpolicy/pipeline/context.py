@@ -96,6 +96,21 @@ class RunContext:
     needs_old: bool
 
 
+def describe_logprobs(ctx: "RunContext") -> str:
+    """One line saying which extra forward passes each step pays for, and why."""
+    c = ctx.cfg.train
+    reused = c.updates_per_batch * c.mini_batches > 1
+    if not ctx.needs_old:
+        old = "old_logp: not needed by this loss (its ratio uses behav_logp)"
+    elif reused:
+        old = f"old_logp: recomputed once per batch (the batch feeds {c.updates_per_batch * c.mini_batches} optimiser steps)"
+    else:
+        old = "old_logp: the detached current log-probs (one optimiser step per batch: exact, no extra forward)"
+    ref = (f"ref_logp: computed (kl_coef={ctx.algo.kl_coef})" if ctx.algo.kl_fn is not None
+           else "ref_logp: not computed (kl_coef=0)")
+    return f"{old}; {ref}"
+
+
 def bind_algorithm(cfg: Config):
     """The config's algorithm, bound; a typo in a preset or parameter name fails here, before any compute."""
     from offpolicy.train.step import Algorithm

@@ -12,7 +12,7 @@ from pathlib import Path
 from offpolicy.config import Config
 from offpolicy.data.sampling import make_strategy
 from offpolicy.pipeline.explorer import Explorer
-from offpolicy.pipeline.context import build_context, open_run_buffer
+from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
 from offpolicy.pipeline.trainer import RunResult, TrainLoop
 
 
@@ -20,6 +20,7 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, progress=None, log=pri
     """Train ``cfg.train.steps`` steps, evaluating at the start, every ``cfg.eval.every`` steps and at the end."""
     ctx = build_context(cfg, run_dir)
     log(f"run directory: {ctx.run_dir}")
+    log(describe_logprobs(ctx))
     explorer = Explorer(cfg, ctx.model, ctx.tokenizer)
     buffer = open_run_buffer(cfg, ctx.run_dir)
     strategy = make_strategy("fifo")
