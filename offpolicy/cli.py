@@ -16,12 +16,12 @@ class _Progress:
         self.console = console
         self._bar = None
 
-    def start(self, total: int, acc0: float) -> None:
+    def start(self, total: int, acc0: float, done: int = 0) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                              TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
-        self._task = self._bar.add_task("train", total=total, info=f"eval acc {acc0:.3f}")
+        self._task = self._bar.add_task("train", total=total, completed=done, info=f"eval acc {acc0:.3f}")
         self._acc = acc0
         self._bar.start()
 
@@ -37,20 +37,41 @@ class _Progress:
             self._bar.stop()
 
 
+def _train_config(args):
+    """The config of ``offpolicy train``: a fresh one, or the run directory's own when resuming.
+
+    Resuming happens with ``--resume RUN_DIR``, or automatically (with a message) when ``run.dir``
+    names a directory that already holds a checkpoint.
+    """
+    from pathlib import Path
+
+    from offpolicy.config import ConfigError, load_config
+    from offpolicy.train.checkpoint import latest_checkpoint
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.json").is_file() or latest_checkpoint(run_dir) is None:
+            raise ConfigError(f"--resume {run_dir}: not a run directory with a checkpoint")
+        return load_config(run_dir / "config.json", [*args.overrides, f"run.dir={run_dir}"]), True
+    cfg = load_config(args.config, args.overrides)
+    if "{" not in cfg.run.dir and latest_checkpoint(cfg.run.dir) is not None:
+        print(f"run.dir {cfg.run.dir} holds a checkpoint: resuming it (use another run.dir for a new run)")
+        return cfg, True
+    return cfg, False
+
+
 def _cmd_train(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from offpolicy.config import load_config
-
-    console = Console()
-    cfg = load_config(args.config, args.overrides)
     from offpolicy.pipeline import run
 
+    console = Console()
+    cfg, resume = _train_config(args)
     console.print("[bold]resolved config[/bold]")
     console.print_json(cfg.model_dump_json())
     progress = _Progress(console) if cfg.run.progress else None
-    res = run(cfg, progress=progress, log=console.print)
+    res = run(cfg, resume=resume, progress=progress, log=console.print)
     table = Table(title=f"offpolicy train — {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s")
     table.add_column("held-out greedy accuracy")
     table.add_column("before", justify="right")
@@ -59,7 +80,7 @@ def _cmd_train(args) -> int:
     b, a = res.eval_before["accuracy"], res.eval_after["accuracy"]
     table.add_row(f"{cfg.tasks.eval_size} tasks", f"{b:.3f}", f"{a:.3f}", f"{(a - b) * 100:+.1f} pts")
     console.print(table)
-    console.print(f"run directory: {res.run_dir}  (metrics.jsonl, tb/, config.json, final/)")
+    console.print(f"run directory: {res.run_dir}  (metrics.jsonl, tb/, config.json, checkpoints/, final/)")
     return 0
 
 
@@ -123,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a policy (no arguments: the bundled tiny model on arithmetic)")
     t.add_argument("--config", help="YAML config file")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.preset=rec_oneside_nois")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="greedy accuracy and pass@k of a checkpoint on the held-out split")
@@ -158,11 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from offpolicy.config import ConfigError
 
+    from offpolicy.pipeline.explorer import RewardFaultError
+    from offpolicy.pipeline.resume import RunStopped
+    from offpolicy.pipeline.trainer import NumericalFaultError
+
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"offpolicy: error: {e}", file=sys.stderr)
         return 2
+    except (RewardFaultError, NumericalFaultError) as e:
+        print(f"offpolicy: stopped: {e}\n(a checkpoint of the last good state was written)", file=sys.stderr)
+        return 3
+    except RunStopped as e:
+        print(f"offpolicy: {e}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

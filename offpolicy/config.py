@@ -60,6 +60,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global gradient norm.")
+    max_skipped_steps: int = Field(3, ge=0, description="Stop (after a checkpoint of the last good state) after more than K consecutive steps skipped for a non-finite loss or gradient.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warm-up, down to lr * min_lr_ratio at the last step.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (linear / cosine schedules).")
@@ -81,6 +82,16 @@ class PipelineConfig(_Section):
 class BufferConfig(_Section):
     kind: Literal["memory", "sqlite"] | None = Field(None, description="None: SQLite file <run_dir>/buffer.db in async mode, in-memory in sync mode.")
     capacity: int | None = Field(None, ge=1, description="Maximum rows; the oldest groups are evicted first.")
+
+
+class RewardConfig(_Section):
+    timeout_s: float | None = Field(5.0, gt=0, description="Per-sample time limit, enforced by killing a worker process (None: score in-process, no limit).")
+    max_invalid_frac: float = Field(0.5, ge=0, le=1, description="Stop the run (after a checkpoint) when more than this fraction of a batch has faulty rewards.")
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(50, ge=0, description="Checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT).")
+    keep: int = Field(2, ge=1, description="Keep the newest K checkpoints.")
 
 
 class EvalConfig(_Section):
@@ -105,11 +116,16 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
     buffer: BufferConfig = BufferConfig()
+    reward: RewardConfig = RewardConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
+        if self.rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size={self.rollout.group_size}: group-relative advantages need at "
+                             "least 2 responses per task (a group of one has no baseline)")
         rows = self.rollout.prompts_per_step * self.rollout.group_size
         if self.train.micro_batches * self.train.mini_batches > rows:
             raise ValueError("train.mini_batches * train.micro_batches must not exceed the batch size "

@@ -11,40 +11,53 @@ synchronous runner's, bit for bit, for the same seed.
 
 from __future__ import annotations
 
-import queue
+import re
 import time
 import traceback
 from pathlib import Path
 
+import torch
 import torch.multiprocessing as mp
 
 from offpolicy.config import Config
 from offpolicy.data.sampling import make_strategy
-from offpolicy.pipeline.explorer import Explorer, weights_version
 from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
-from offpolicy.pipeline.trainer import RunResult, TrainLoop
+from offpolicy.pipeline.explorer import Explorer, weights_version
+from offpolicy.pipeline.resume import (RunStopped, StopRequest, buffered_batches, checkpoint_run, restore_run,
+                                       resume_point)
+from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
 from offpolicy.pipeline.weights import WeightChannel
 
 
-def _explorer_main(cfg_json: str, channel: WeightChannel, buffer, ready, reports, stop, parent_pid: int) -> None:
-    """Entry point of the explorer process: generate every batch with its scheduled weight version."""
+def _explorer_main(cfg_json: str, run_dir: str, channel: WeightChannel, buffer, ready, reports, stop,
+                   parent_pid: int, start: dict) -> None:
+    """Entry point of the explorer process: generate every batch with its scheduled weight version.
+
+    ``start``: ``batch`` (first batch index), ``min_version`` (after a resume, the older weights the
+    schedule names are not checkpointed: the checkpoint's version is used until the schedule passes it)
+    and ``explorer`` (the task cursor / generator state to continue from, or None).
+    """
     import os
 
     import torch
 
     from offpolicy.rollout.model import load_policy
 
+    explorer = None
     try:
         cfg = Config.model_validate_json(cfg_json)
         torch.set_num_threads(cfg.pipeline.explorer_threads)
         model, tokenizer = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
-        explorer = Explorer(cfg, model, tokenizer)
+        explorer = Explorer(cfg, model, tokenizer, run_dir=Path(run_dir))
+        if start["explorer"] is not None:
+            explorer.load_state_dict(start["explorer"])
         alive = lambda: not stop.is_set() and _pid_alive(parent_pid)  # noqa: E731
         loaded = -1
         p = cfg.pipeline
-        for e in range(cfg.train.steps):
+        for e in range(start["batch"], cfg.train.steps):
             t0 = time.perf_counter()
-            version = weights_version(e, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
+            version = max(weights_version(e, sync_offset=p.sync_offset, sync_interval=p.sync_interval),
+                          start["min_version"])
             wait_s = load_s = 0.0
             if version != loaded:
                 wait_s, load_s = channel.load(model, version, alive=alive)
@@ -53,13 +66,17 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, buffer, ready, reports
             t1 = time.perf_counter()
             buffer.put(exps)
             reports.put({"batch": e, "gen_s": gen_s, "explorer_idle_s": wait_s, "weight_load_s": load_s,
-                         "buffer_put_s": time.perf_counter() - t1, "explore_s": time.perf_counter() - t0})
+                         "buffer_put_s": time.perf_counter() - t1, "explore_s": time.perf_counter() - t0,
+                         "state": explorer.state_dict()})
             ready.release()
             if stop.is_set():
                 return
     except BaseException:  # report any failure to the trainer instead of dying silently
         reports.put({"error": traceback.format_exc(), "pid": os.getpid()})
         ready.release()
+    finally:
+        if explorer is not None:
+            explorer.close()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -72,64 +89,124 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
-def _wait_batch(ready, reports, proc, pending: dict, e: int) -> tuple[float, dict]:
-    """Block until the explorer reports batch ``e``; (seconds waited, its report). Raises on explorer failure."""
-    t0 = time.perf_counter()
-    while e not in pending:
-        if not ready.acquire(timeout=1.0):
-            if not proc.is_alive():
-                raise RuntimeError(f"the explorer process exited (code {proc.exitcode}) before batch {e}")
-            continue
-        while True:
-            try:
-                rep = reports.get(timeout=5.0)
-            except queue.Empty:
-                break
-            if "error" in rep:
-                raise RuntimeError(f"the explorer process failed:\n{rep['error']}")
-            pending[rep["batch"]] = rep
-            break
-    return time.perf_counter() - t0, pending.pop(e)
+def _next_report(ready, reports, proc, pending: dict) -> None:
+    """Block until the explorer reports one more batch (into ``pending``). Raises on explorer failure."""
+    while not ready.acquire(timeout=1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"the explorer process exited (code {proc.exitcode}) with batches still due")
+    rep = reports.get(timeout=60.0)
+    if "error" in rep:
+        raise RuntimeError(f"the explorer process failed:\n{rep['error']}")
+    pending[rep["batch"]] = rep
 
 
-def run_async(cfg: Config, *, run_dir: Path | None = None, progress=None, log=print) -> RunResult:
-    """Train ``cfg.train.steps`` steps with the explorer in a separate process (see the module docstring)."""
+def _batch_index(exps) -> int:
+    return int(re.search(r"@b(\d+)", exps[0].group_id).group(1))
+
+
+def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,
+              log=print) -> RunResult:
+    """Train up to ``cfg.train.steps`` steps with the explorer in a separate process (see the module docstring).
+
+    Checkpoints as the synchronous runner does, plus the explorer's cursor after the newest batch in the
+    buffer. On resume, the batches written before the checkpoint stay in the buffer and are trained;
+    later ones are rolled back and regenerated from the cursor. The first batches generated after a
+    resume use the checkpoint's weights where the schedule names an older version (older weights are
+    not saved), so their staleness can be below ``sync_offset`` for a few steps.
+    """
     import os
 
-    ctx = build_context(cfg, run_dir)
+    ctx = build_context(cfg, run_dir, resume=resume)
     log(f"run directory: {ctx.run_dir}")
     log(describe_logprobs(ctx))
     p = cfg.pipeline
-    mpc = mp.get_context("spawn")
-    channel = WeightChannel(ctx.model, mpc)
-    channel.publish(ctx.model, 0, after_loaded=None)
     buffer = open_run_buffer(cfg, ctx.run_dir)
     strategy = make_strategy("staleness", max_staleness=cfg.staleness_bound)
+    state, gens = None, {"explorer": torch.Generator(), "rewind": torch.Generator()}
+    start = {"batch": 0, "explorer": None}
+    if resume:
+        state = restore_run(ctx, strategy=strategy, buffer=buffer, generators=gens)
+        start = resume_point(state, buffer)
+        log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
+            f"{start['batch']}")
+    first = (state or {}).get("step", 0)
+    start["min_version"] = first
+    mpc = mp.get_context("spawn")
+    channel = WeightChannel(ctx.model, mpc)
+    channel.publish(ctx.model, first, after_loaded=None)
+    if first:
+        channel.mark_loaded(first)  # the explorer may need only newer versions; do not wait for it to load this
     ready, reports, stop = mpc.Semaphore(0), mpc.Queue(), mpc.Event()
-    proc = mpc.Process(target=_explorer_main, name="offpolicy-explorer", daemon=True,
-                       args=(cfg.model_dump_json(), channel, buffer, ready, reports, stop, os.getpid()))
+    # not a daemon: the explorer starts its own reward worker; the finally below always stops it
+    proc = mpc.Process(target=_explorer_main, name="offpolicy-explorer", daemon=False,
+                       args=(cfg.model_dump_json(), str(ctx.run_dir), channel, buffer, ready, reports, stop,
+                             os.getpid(), start))
     proc.start()
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
-    loop = TrainLoop(ctx, progress=progress)
+    loop = TrainLoop(ctx, progress=progress, resumed=state)
     pending: dict[int, dict] = {}
+    # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint)
+    cursor = {start["batch"] - 1: start["explorer"]} if state else {}
+
+    def save(step: int) -> None:
+        # Batches still in the buffer stay and are trained after a resume; the explorer restarts after
+        # the newest of them, or, if one of them is consumed before the next checkpoint, rewinds to the
+        # oldest one (its rows written later are rolled back and regenerated).
+        in_buffer = buffered_batches(buffer)
+        last = max([step - 1, *in_buffer])
+        oldest = min(in_buffer, default=last + 1)
+        while last not in cursor or oldest - 1 not in cursor:
+            _next_report(ready, reports, proc, pending)
+            cursor.update({e: rep["state"] for e, rep in pending.items()})
+        checkpoint_run(ctx, step, explorer_state=cursor[last], strategy=strategy, eval_before=loop.eval_before,
+                       last_eval=loop.last_eval, generators=gens, next_batch=last + 1, in_buffer=in_buffer,
+                       rewind_state=cursor[oldest - 1])
+        for e in [e for e in cursor if e < oldest - 1]:
+            del cursor[e]
+
     try:
-        t_prev = time.perf_counter()
-        for step in range(1, cfg.train.steps + 1):
-            idle_s, report = _wait_batch(ready, reports, proc, pending, step - 1)
-            exps = buffer.sample(rows, strategy, now_version=step - 1)
-            if len(exps) != rows:
-                raise RuntimeError(f"buffer returned {len(exps)} rows for step {step}, expected {rows}")
-            record = loop.train(exps, step)
-            publish_wait = publish_s = 0.0
-            if step % p.sync_interval == 0 and step <= last_needed:
-                publish_wait, publish_s = channel.publish(ctx.model, step, after_loaded=step - p.sync_interval)
-            now = time.perf_counter()
-            timings = {k: v for k, v in report.items() if k != "batch"}
-            loop.log(record, {**timings, "trainer_idle_s": idle_s, "publish_s": publish_s,
-                              "publish_wait_s": publish_wait, "step_s": now - t_prev})
-            t_prev = now
-        return loop.finish()
+        with StopRequest() as stop_request:
+            t_prev = time.perf_counter()
+            for step in range(first + 1, cfg.train.steps + 1):
+                t_wait = time.perf_counter()
+                try:
+                    while not (exps := buffer.sample(rows, strategy, now_version=step - 1)):
+                        _next_report(ready, reports, proc, pending)
+                    e = _batch_index(exps)
+                    while e not in pending and e not in cursor:  # its report follows its put closely
+                        _next_report(ready, reports, proc, pending)
+                except RuntimeError:
+                    if step > first + 1:
+                        save(step - 1)
+                    raise
+                idle_s = time.perf_counter() - t_wait
+                report = pending.pop(e, {"batch": e})
+                if "state" in report:
+                    cursor[e] = report.pop("state")
+                for old in [k for k in cursor if k < e - 1]:
+                    del cursor[old]
+                record = loop.train(exps, step)
+                publish_wait = publish_s = 0.0
+                if step % p.sync_interval == 0 and step <= last_needed:
+                    publish_wait, publish_s = channel.publish(ctx.model, step, after_loaded=step - p.sync_interval)
+                now = time.perf_counter()
+                timings = {k: v for k, v in report.items() if k != "batch"}
+                try:
+                    loop.log(record, {**timings, "trainer_idle_s": idle_s, "publish_s": publish_s,
+                                      "publish_wait_s": publish_wait, "step_s": now - t_prev})
+                except NumericalFaultError:
+                    save(step)
+                    raise
+                t_prev = now
+                if stop_request.requested or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    save(step)
+                if stop_request.requested:
+                    raise RunStopped(f"stopped by {stop_request.requested} after step {step}; checkpoint "
+                                     f"written, resume with: offpolicy train --resume {ctx.run_dir}")
+            result = loop.finish()
+            save(cfg.train.steps)
+            return result
     finally:
         stop.set()
         proc.join(timeout=10)

@@ -22,7 +22,8 @@ def make_run_dir(cfg: Config) -> Path:
     path = Path(cfg.run.dir.format(preset=cfg.algorithm.preset, time=stamp))
     for name in ("metrics.jsonl", "buffer.db"):
         if (path / name).exists():
-            raise ConfigError(f"run.dir: {path} already holds a run ({name}); choose another run.dir")
+            raise ConfigError(f"run.dir: {path} already holds a run ({name}) but no checkpoint to resume "
+                              "from; choose another run.dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -121,7 +122,7 @@ def bind_algorithm(cfg: Config):
         raise ConfigError(f"algorithm: {e}") from None
 
 
-def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
+def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> RunContext:
     """Validate the algorithm first (cheap), then load the model and build the optimiser."""
     from offpolicy.rollout.model import load_policy
     from offpolicy.train.step import needs_input
@@ -136,7 +137,10 @@ def build_context(cfg: Config, run_dir: Path | None = None) -> RunContext:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
-    run_dir = make_run_dir(cfg) if run_dir is None else run_dir
+    if resume:
+        run_dir = Path(cfg.run.dir) if run_dir is None else run_dir
+    elif run_dir is None:
+        run_dir = make_run_dir(cfg)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     available = ("behav_logp",) + (("ref_logp",) if algo.kl_fn is not None else ())
     needs_old = needs_input(algo.loss_fn, "old_logp", available=available)

@@ -12,15 +12,30 @@ and trained at trainer version ``e``; its staleness is ``e - weights_version(e)`
 
 from __future__ import annotations
 
+import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import torch
 
 from offpolicy.config import Config
 from offpolicy.data.experience import Experience
 from offpolicy.pipeline.context import reward_function, task_source
+from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.engine import HFEngine
 from offpolicy.rollout.workflow import single_turn
+
+
+class RewardFaultError(RuntimeError):
+    """Too many samples of one batch had faulty rewards (``reward.max_invalid_frac``)."""
+
+
+def as_generator_state(x) -> torch.Tensor:
+    """A torch.Generator state from bytes or a uint8 tensor."""
+    if isinstance(x, (bytes, bytearray)):
+        return torch.frombuffer(bytearray(x), dtype=torch.uint8).clone()
+    return torch.as_tensor(x, dtype=torch.uint8)
 
 
 def weights_version(batch_index: int, *, sync_offset: int, sync_interval: int) -> int:
@@ -30,26 +45,63 @@ def weights_version(batch_index: int, *, sync_offset: int, sync_interval: int) -
 
 
 class Explorer:
-    """Task stream + sampling engine + reward: ``explore(e, version)`` makes batch ``e``."""
+    """Task stream + sampling engine + guarded reward: ``explore(e, version)`` makes batch ``e``."""
 
-    def __init__(self, cfg: Config, model, tokenizer):
+    def __init__(self, cfg: Config, model, tokenizer, *, run_dir: Path | None = None):
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
         self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
         self.tasks = task_source(cfg)[0]
-        self.reward_fn = reward_function(cfg)
+        self.tasks_consumed = 0
+        self.reward = GuardedReward(reward_function(cfg), timeout_s=cfg.reward.timeout_s)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.fault_log = None if run_dir is None else Path(run_dir) / "reward_faults.log"
+        self.faults_seen: set[str] = set()
+
+    def state_dict(self) -> dict:
+        """Progress of the task stream and the sampling generator (for checkpoints). Plain bytes, not a
+        tensor: it crosses a process boundary, and a shared tensor would die with its sender."""
+        return {"tasks_consumed": self.tasks_consumed, "generator": bytes(self.generator.get_state().numpy())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tasks = task_source(self.cfg)[0]
+        for _ in range(state["tasks_consumed"]):
+            next(self.tasks)
+        self.tasks_consumed = state["tasks_consumed"]
+        self.generator.set_state(as_generator_state(state["generator"]))
 
     def explore(self, batch_index: int, version: int) -> tuple[list[Experience], float]:
         """(experiences of batch ``batch_index``, generation seconds)."""
         r = self.cfg.rollout
         t0 = time.perf_counter()
         tasks = [next(self.tasks) for _ in range(r.prompts_per_step)]
+        self.tasks_consumed += len(tasks)
         was_training = self.model.training
         self.model.eval()
-        exps = single_turn(self.engine, self.tokenizer, tasks, self.reward_fn, group_size=r.group_size,
+        exps = single_turn(self.engine, self.tokenizer, tasks, self._score, group_size=r.group_size,
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                            version=version, group_tag=f"b{batch_index}", generator=self.generator)
         self.model.train(was_training)
+        invalid = sum("reward_fault" in e.info for e in exps) / len(exps)
+        if invalid > self.cfg.reward.max_invalid_frac:
+            kinds = Counter(e.info["reward_fault"] for e in exps if "reward_fault" in e.info)
+            raise RewardFaultError(f"batch {batch_index}: {invalid:.0%} of the samples have faulty rewards "
+                                   f"({dict(kinds)}), above reward.max_invalid_frac="
+                                   f"{self.cfg.reward.max_invalid_frac}; see {self.fault_log}")
         return exps, time.perf_counter() - t0
+
+    def _score(self, pairs):
+        scores = self.reward(pairs)
+        for s in scores:
+            if s.fault is not None and s.fault not in self.faults_seen:
+                self.faults_seen.add(s.fault)  # the first of each kind, in full; later ones are counted
+                text = f"first reward fault of kind '{s.fault}':\n{s.message}\n"
+                print(text, file=sys.stderr)
+                if self.fault_log is not None:
+                    with self.fault_log.open("a") as f:
+                        f.write(text)
+        return scores
+
+    def close(self) -> None:
+        self.reward.close()

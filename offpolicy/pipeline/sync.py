@@ -1,7 +1,9 @@
 """The synchronous runner: generate a batch with the current weights, then train on it, alternating.
 
 The on-policy baseline (staleness 0). Data still flows through the buffer and the sample strategy,
-exactly as in the asynchronous runner, so the two share every step but the scheduling.
+exactly as in the asynchronous runner, so the two share every step but the scheduling. The run is
+checkpointed every ``checkpoint.every`` steps, at the end, on SIGTERM/SIGINT and before stopping on a
+fault; ``resume=True`` continues from the newest checkpoint (see :mod:`.resume`).
 """
 
 from __future__ import annotations
@@ -9,33 +11,65 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from offpolicy.config import Config
 from offpolicy.data.sampling import make_strategy
-from offpolicy.pipeline.explorer import Explorer
 from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
-from offpolicy.pipeline.trainer import RunResult, TrainLoop
+from offpolicy.pipeline.explorer import Explorer, RewardFaultError
+from offpolicy.pipeline.resume import RunStopped, StopRequest, checkpoint_run, restore_run
+from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
 
 
-def run_sync(cfg: Config, *, run_dir: Path | None = None, progress=None, log=print) -> RunResult:
-    """Train ``cfg.train.steps`` steps, evaluating at the start, every ``cfg.eval.every`` steps and at the end."""
-    ctx = build_context(cfg, run_dir)
+def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,
+             log=print) -> RunResult:
+    """Train up to ``cfg.train.steps`` steps, evaluating at the start, every ``cfg.eval.every`` steps and at the end."""
+    ctx = build_context(cfg, run_dir, resume=resume)
     log(f"run directory: {ctx.run_dir}")
     log(describe_logprobs(ctx))
-    explorer = Explorer(cfg, ctx.model, ctx.tokenizer)
+    explorer = Explorer(cfg, ctx.model, ctx.tokenizer, run_dir=ctx.run_dir)
     buffer = open_run_buffer(cfg, ctx.run_dir)
     strategy = make_strategy("fifo")
+    state = None
+    if resume:
+        state = restore_run(ctx, strategy=strategy, buffer=buffer, generators={"explorer": explorer.generator})
+        explorer.load_state_dict(state["explorer"])
+        log(f"resuming from step {state['step']} ({state['path']})")
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-    loop = TrainLoop(ctx, progress=progress)
+    loop = TrainLoop(ctx, progress=progress, resumed=state)
+
+    def save(step: int, explorer_state: dict) -> None:
+        checkpoint_run(ctx, step, explorer_state=explorer_state, strategy=strategy, eval_before=loop.eval_before,
+                       last_eval=loop.last_eval, generators={"explorer": torch.Generator()})
+
     try:
-        for step in range(1, cfg.train.steps + 1):
-            t0 = time.perf_counter()
-            exps, gen_s = explorer.explore(step - 1, version=step - 1)
-            buffer.put(exps)
-            exps = buffer.sample(rows, strategy, now_version=step - 1)
-            buffer_s = time.perf_counter() - t0 - gen_s
-            record = loop.train(exps, step)
-            loop.log(record, {"gen_s": gen_s, "buffer_s": buffer_s, "step_s": time.perf_counter() - t0})
-        return loop.finish()
+        with StopRequest() as stop:
+            for step in range((state or {}).get("step", 0) + 1, cfg.train.steps + 1):
+                t0 = time.perf_counter()
+                before = explorer.state_dict()
+                try:
+                    exps, gen_s = explorer.explore(step - 1, version=step - 1)
+                except RewardFaultError:
+                    save(step - 1, before)
+                    raise
+                buffer.put(exps)
+                exps = buffer.sample(rows, strategy, now_version=step - 1)
+                buffer_s = time.perf_counter() - t0 - gen_s
+                record = loop.train(exps, step)
+                try:
+                    loop.log(record, {"gen_s": gen_s, "buffer_s": buffer_s, "step_s": time.perf_counter() - t0})
+                except NumericalFaultError:
+                    save(step, explorer.state_dict())  # skipped steps left the weights as they were
+                    raise
+                if stop.requested or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    save(step, explorer.state_dict())
+                if stop.requested:
+                    raise RunStopped(f"stopped by {stop.requested} after step {step}; checkpoint written, "
+                                     f"resume with: offpolicy train --resume {ctx.run_dir}")
+            result = loop.finish()
+            save(cfg.train.steps, explorer.state_dict())
+            return result
     finally:
         loop.close()
         buffer.close()
+        explorer.close()

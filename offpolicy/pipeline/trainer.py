@@ -32,33 +32,48 @@ class RunResult:
 
 def batch_metrics(exps: list[Experience], trainer_version: int) -> dict:
     """Reward, accuracy, length and staleness (trainer version - generating version) of a batch."""
-    rewards = torch.tensor([e.reward for e in exps])
+    valid = [e for e in exps if "reward_fault" not in e.info] or exps
+    rewards = torch.tensor([e.reward for e in valid])
+    faults = Counter(e.info["reward_fault"] for e in exps if "reward_fault" in e.info)
     lengths = torch.tensor([len(e.response_ids) for e in exps], dtype=torch.float32)
     ages = [trainer_version - e.version for e in exps]
     out = {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(exps) > 1 else 0.0,
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(valid) > 1 else 0.0,
+        "reward_invalid_frac": sum(faults.values()) / len(exps),
         "accuracy": sum(bool(e.info.get("correct")) for e in exps) / len(exps),
         "response_len": float(lengths.mean()), "response_tokens": int(lengths.sum()), "samples": len(exps),
         "staleness_min": min(ages), "staleness_mean": sum(ages) / len(ages), "staleness_max": max(ages),
         "replayed_frac": sum(e.replayed for e in exps) / len(exps),
     }
     out.update({f"staleness_count/{age}": n for age, n in sorted(Counter(ages).items())})
+    out.update({f"reward_faults/{kind}": n for kind, n in sorted(faults.items())})
     return out
 
 
-class TrainLoop:
-    """Owns the metrics writer and the progress bar; ``train(exps, step, timings)`` does one step."""
+class NumericalFaultError(RuntimeError):
+    """More than ``train.max_skipped_steps`` consecutive steps had a non-finite loss or gradient."""
 
-    def __init__(self, ctx: RunContext, *, progress=None):
+
+class TrainLoop:
+    """Owns the metrics writer and the progress bar; ``train`` + ``log`` do one step.
+
+    ``resumed``: the checkpoint state of a resumed run (its evaluation before training is reused).
+    """
+
+    def __init__(self, ctx: RunContext, *, progress=None, resumed: dict | None = None):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.writer = MetricsWriter(ctx.run_dir, tensorboard=self.cfg.run.tensorboard)
         self.progress = progress
         self.start = time.perf_counter()
-        self.eval_before = self.evaluate(0)
-        self.last_eval = self.eval_before["accuracy"]
+        self.consecutive_skips = 0
+        if resumed:
+            self.eval_before, self.last_eval = resumed["eval_before"], resumed["last_eval"]
+        else:
+            self.eval_before = self.evaluate(0)
+            self.last_eval = self.eval_before["accuracy"]
         if progress:
-            progress.start(self.cfg.train.steps, self.last_eval)
+            progress.start(self.cfg.train.steps, self.last_eval, done=resumed["step"] if resumed else 0)
 
     def evaluate(self, step: int) -> dict:
         t0 = time.perf_counter()
@@ -87,10 +102,25 @@ class TrainLoop:
         record["tokens_per_s"] = record["response_tokens"] / max(record["step_s"], 1e-9)
         self.writer.write(record)
         step = record["step"]
+        self._check_skips(record)
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step != self.cfg.train.steps:
             self.last_eval = self.evaluate(step)["accuracy"]
         if self.progress:
             self.progress.update(step, record, self.last_eval)
+
+    def _check_skips(self, record: dict) -> None:
+        if not record.get("skipped_steps"):
+            self.consecutive_skips = 0
+            return
+        self.consecutive_skips += 1
+        batch = {k: record[k] for k in ("reward_mean", "reward_std", "response_len", "adv_abs_mean", "loss",
+                                        "grad_norm") if k in record}
+        print(f"step {record['step']}: non-finite loss or gradient, optimiser step skipped "
+              f"({self.consecutive_skips} in a row); batch statistics {batch}")
+        if self.consecutive_skips > self.cfg.train.max_skipped_steps:
+            raise NumericalFaultError(
+                f"{self.consecutive_skips} consecutive steps with a non-finite loss or gradient (more than "
+                f"train.max_skipped_steps={self.cfg.train.max_skipped_steps}); last batch statistics {batch}")
 
     def finish(self) -> RunResult:
         after = self.evaluate(self.cfg.train.steps)

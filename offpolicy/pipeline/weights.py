@@ -44,6 +44,12 @@ class WeightChannel:
             self._cond.notify_all()
         return t1 - t0, time.perf_counter() - t1
 
+    def mark_loaded(self, version: int) -> None:
+        """Treat ``version`` as loaded (after a resume the explorer may skip straight to a newer one)."""
+        with self._cond:
+            self._loaded.value = max(self._loaded.value, version)
+            self._cond.notify_all()
+
     def load(self, model: torch.nn.Module, version: int, *, timeout: float = 600.0, alive=None) -> tuple[float, float]:
         """Wait for ``version`` in the slot and copy it into ``model``. Returns (seconds waited, copying).
 

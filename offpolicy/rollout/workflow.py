@@ -1,4 +1,10 @@
-"""Single-turn workflow: sample K responses per task, score them, emit experiences."""
+"""Single-turn workflow: sample K responses per task, score them, emit experiences.
+
+A sample whose reward faulted (raised, timed out, returned NaN/inf/None; see
+:mod:`offpolicy.rewards.guard`) is kept but made inert: its trainable mask is all zero (no token
+reaches the loss) and it is moved to a group of its own, so it shifts no other sample's baseline.
+Its ``info["reward_fault"]`` names the fault.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +13,34 @@ from typing import Callable, Sequence
 import torch
 
 from offpolicy.data.experience import Experience
+from offpolicy.rewards.guard import Scored
 from offpolicy.rollout.engine import HFEngine
 
+Scorer = Callable[[Sequence[tuple[str, str]]], list[Scored]]
 
-def single_turn(engine: HFEngine, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], float], *,
-                group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                version: int = 0, group_tag: str = "", generator: torch.Generator | None = None) -> list[Experience]:
+
+def single_turn(engine: HFEngine, tokenizer, tasks: Sequence, scorer: Scorer, *, group_size: int,
+                max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, version: int = 0,
+                group_tag: str = "", generator: torch.Generator | None = None) -> list[Experience]:
     """One group of ``group_size`` experiences per task; the group id is ``<task_id>@<group_tag>``."""
     prompts = [tokenizer(t.prompt)["input_ids"] for t in tasks]
     ro = engine.generate(prompts, n=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, generator=generator)
     texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+    scores = scorer([(text, tasks[p].answer) for p, text in zip(ro.prompt_index, texts)])
     exps = []
-    for i, (p_idx, resp, lp, text) in enumerate(zip(ro.prompt_index, ro.response_ids, ro.behav_logp, texts)):
+    for i, (p_idx, resp, lp, score) in enumerate(zip(ro.prompt_index, ro.response_ids, ro.behav_logp, scores)):
         task = tasks[p_idx]
-        reward = float(reward_fn(text, task.answer))
+        group_id = f"{task.task_id}@{group_tag or f'v{version}'}"
+        info = {"correct": score.value is not None and score.value >= 1.0, "finished": ro.finished[i]}
+        mask = torch.ones(len(resp))
+        if score.fault is not None:
+            info["reward_fault"] = score.fault
+            mask.zero_()
+            group_id += f"#invalid{i}"
         exps.append(Experience(
-            prompt_ids=torch.tensor(prompts[p_idx], dtype=torch.long), response_ids=resp,
-            response_mask=torch.ones(len(resp)), behav_logp=lp, reward=reward,
-            group_id=f"{task.task_id}@{group_tag or f'v{version}'}", task_id=task.task_id, version=version,
-            info={"correct": reward >= 1.0, "finished": ro.finished[i]},
+            prompt_ids=torch.tensor(prompts[p_idx], dtype=torch.long), response_ids=resp, response_mask=mask,
+            behav_logp=lp, reward=0.0 if score.value is None else score.value, group_id=group_id,
+            task_id=task.task_id, version=version, info=info,
         ))
     return exps

@@ -7,7 +7,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from offpolicy.rewards.guard import score_one
 from offpolicy.rollout.engine import HFEngine
+
+
+def _correct(reward_fn, response: str, truth: str) -> bool:
+    """A faulty reward (raises, NaN, ...) counts as not correct instead of stopping the evaluation."""
+    return (score_one(reward_fn, response, truth).value or 0.0) >= 1.0
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -32,14 +38,14 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
         prompts = [tokenizer(t.prompt)["input_ids"] for t in chunk]
         ro = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
         texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-        correct += sum(reward_fn(x, t.answer) >= 1.0 for x, t in zip(texts, chunk))
+        correct += sum(_correct(reward_fn, x, t.answer) for x, t in zip(texts, chunk))
         if pass_k:
             n = max(pass_k, 1)
             ro = engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                  generator=gen)
             texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
             for j, t in enumerate(chunk):
-                c = sum(reward_fn(x, t.answer) >= 1.0 for x in texts[j * n : (j + 1) * n])
+                c = sum(_correct(reward_fn, x, t.answer) for x in texts[j * n : (j + 1) * n])
                 pass_sum += pass_at_k(n, c, pass_k)
     model.train(was_training)
     out = {"accuracy": correct / max(len(tasks), 1)}

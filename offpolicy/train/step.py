@@ -133,6 +133,7 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: A
     n_tokens = batch.mask_BT.sum().clamp(min=1)
     n_seqs = len(batch)
     optimizer.zero_grad(set_to_none=True)
+    losses: list[torch.Tensor] = []
 
     def add(key: str, value) -> None:
         sums[key] = sums.get(key, 0.0) + _stat(value)
@@ -153,6 +154,7 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: A
         if algo.entropy_coef:
             loss = loss - algo.entropy_coef * ent
         loss.backward()
+        losses.append(loss.detach())
         add("loss", loss)
         add("entropy", ent)
         # k1 estimate of KL(behav || old) under the behaviour samples: mean of behav_logp - old_logp
@@ -160,7 +162,12 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: A
         w = len(idx) / n_seqs  # loss stats are per-micro-batch means: weight by share of rows
         for k, v in out.stats.items():
             add(f"loss/{k}", w * _stat(v))
-    add("grad_norm", torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    add("grad_norm", grad_norm)
+    if not (torch.isfinite(grad_norm) and all(torch.isfinite(torch.as_tensor(l)) for l in losses)):
+        optimizer.zero_grad(set_to_none=True)  # a non-finite loss or gradient: skip, weights untouched
+        add("skipped", 1)
+        return
     optimizer.step()
 
 
@@ -175,6 +182,8 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
     loss reads it (``needs_old``, see :func:`needs_input`); with a single optimiser step the detached
     current log-probs are exact, because the weights do not change before that step. ``ref_logp`` is
     computed only when the algorithm has a KL term. Statistics are means over the optimiser steps.
+    An optimiser step whose loss or gradient norm is not finite is skipped (gradients dropped,
+    weights and optimiser state untouched) and counted in ``skipped_steps``.
     """
     model.train()
     adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
@@ -193,7 +202,9 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
             n_steps += 1
     if scheduler is not None:
         scheduler.step()
+    skipped = sums.pop("skipped", 0.0)
     stats = {k: v / n_steps for k, v in sums.items()}
     stats["adv_abs_mean"] = _stat(adv_B.abs().mean())
     stats["optimizer_steps"] = n_steps
+    stats["skipped_steps"] = int(skipped)
     return stats

@@ -1,0 +1,183 @@
+"""Resume: restore a run from its newest checkpoint, and roll back what happened after it.
+
+Restored: weights, optimiser, LR schedule, every RNG, the sample strategy, the explorer's task cursor
+and sampling generator, the step / policy version and the evaluation before training. Rolled back:
+
+- buffer rows written after the checkpoint and not yet consumed are removed (fate ``dropped`` in the
+  buffer's ledger, so they stay accounted for); the explorer regenerates from the checkpoint's cursor;
+- ``metrics.jsonl`` records of steps after the checkpoint move to ``metrics.rolled_back.jsonl``
+  (nothing written is deleted), so the metrics file reads as one run.
+
+Rows consumed after the checkpoint were handed to a training step whose update died with the process:
+they are ``used`` in the ledger (consumed once) and their batch is regenerated — in sync mode
+identically (same seed, same cursor), so the resumed run's metrics equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Any, Sequence
+
+from offpolicy.data.sampling import GroupMeta, Selection
+from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class RollBack:
+    """A one-shot sample strategy that removes never-consumed groups with ``version >= min_version``."""
+
+    def __init__(self, min_version: int):
+        self.min_version = min_version
+
+    def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
+        return Selection(remove=tuple(g.key for g in groups
+                                      if not g.expert and g.use_count == 0 and g.version >= self.min_version))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class Probe:
+    """A sample strategy that takes nothing and remembers the groups it was shown (to list the buffer)."""
+
+    def __init__(self):
+        self.groups: list[GroupMeta] = []
+
+    def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
+        self.groups = list(groups)
+        return Selection()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def buffered_batches(buffer) -> list[int]:
+    """Batch indices (the ``@b<e>`` tag of group ids) of the groups still in ``buffer``."""
+    probe = Probe()
+    buffer.sample(0, probe, now_version=0)
+    return sorted({int(m.group(1)) for g in probe.groups if (m := re.search(r"@b(\d+)", g.key))})
+
+
+class RollBackBatches(RollBack):
+    """Remove never-consumed groups of batches with index > ``last_batch`` (written after a checkpoint)."""
+
+    def __init__(self, last_batch: int):
+        super().__init__(0)
+        self.last_batch = last_batch
+
+    def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
+        late = [g.key for g in groups if g.use_count == 0 and not g.expert
+                and (m := re.search(r"@b(\d+)", g.key)) and int(m.group(1)) > self.last_batch]
+        return Selection(remove=tuple(late))
+
+
+def roll_back_metrics(run_dir: Path, step: int) -> int:
+    """Move records of steps > ``step`` to metrics.rolled_back.jsonl; returns how many moved."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            (keep if json.loads(line).get("step", 0) <= step else moved).append(line)
+        except json.JSONDecodeError:  # a line cut by the crash
+            moved.append(line)
+    if moved:
+        with (run_dir / "metrics.rolled_back.jsonl").open("a") as f:
+            f.write("\n".join(moved) + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(moved)
+
+
+def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, eval_before: dict, last_eval: float,
+                   generators: dict, next_batch: int | None = None, in_buffer: list[int] = (),
+                   rewind_state: dict | None = None) -> Path:
+    """Save the whole run state after ``step`` (see :mod:`offpolicy.train.checkpoint`).
+
+    ``explorer_state``: the explorer's cursor before batch ``next_batch`` (default: ``step``).
+    Async runs add ``in_buffer`` (batches not yet consumed) and ``rewind_state`` (the cursor before the
+    oldest of them), used if one of those batches is consumed before the next checkpoint.
+    """
+    from offpolicy.pipeline.explorer import as_generator_state
+
+    state = {"version": step, "next_batch": step if next_batch is None else next_batch,
+             "in_buffer": list(in_buffer), "explorer": {"tasks_consumed": explorer_state["tasks_consumed"]},
+             "rewind": None if rewind_state is None else {"tasks_consumed": rewind_state["tasks_consumed"]},
+             "strategy": strategy.state_dict(), "eval_before": eval_before, "last_eval": last_eval}
+    generators["explorer"].set_state(as_generator_state(explorer_state["generator"]))
+    if rewind_state is not None:
+        generators["rewind"].set_state(as_generator_state(rewind_state["generator"]))
+    return save_checkpoint(ctx.run_dir, step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
+                           state=state, generators=generators, keep=ctx.cfg.checkpoint.keep)
+
+
+def restore_run(ctx, *, strategy, buffer, generators: dict) -> dict:
+    """Load the newest checkpoint into ``ctx``/``strategy``/``generators``; roll back buffer and metrics.
+
+    Unconsumed buffer rows of batches the checkpoint's explorer cursor had not reached (written after
+    it) are removed. Returns the checkpoint's ``state.json`` with the explorer cursors' generators.
+    """
+    path = latest_checkpoint(ctx.run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{ctx.run_dir} holds no checkpoint to resume from")
+    state = load_checkpoint(path, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
+                            generators=generators)
+    strategy.load_state_dict(state["strategy"])
+    step = state["step"]
+    buffer.sample(0, RollBackBatches(state.get("next_batch", step) - 1), now_version=step)
+    roll_back_metrics(ctx.run_dir, step)
+    state["explorer"]["generator"] = generators["explorer"].get_state()
+    if state.get("rewind"):
+        state["rewind"]["generator"] = generators["rewind"].get_state()
+    state["path"] = str(path)
+    return state
+
+
+def resume_point(state: dict, buffer) -> dict:
+    """Where the async explorer continues: after the newest batch of the checkpoint if every batch that
+    was in the buffer then is still there; else (one was consumed by a step that died) rewind to the
+    oldest of them, rolling back the rest so the batches are regenerated in order."""
+    in_buffer = state.get("in_buffer", [])
+    if set(in_buffer) <= set(buffered_batches(buffer)):
+        return {"batch": state["next_batch"], "explorer": state["explorer"]}
+    oldest = min(in_buffer)
+    buffer.sample(0, RollBackBatches(oldest - 1), now_version=state["step"])
+    return {"batch": oldest, "explorer": state["rewind"]}
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the runner checkpoints at the end of the current step and stops."""
+
+    def __init__(self):
+        self.requested = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        return False
+
+
+class RunStopped(RuntimeError):
+    """The run stopped on a signal after writing a checkpoint."""

@@ -1,0 +1,89 @@
+"""Checkpoints of the whole run state, written atomically, and the newest one found for resume.
+
+A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` holding:
+
+- ``model.safetensors``: the policy weights (shared tensors handled by safetensors);
+- ``trainer.pt``: optimiser and LR-schedule state, the RNG states (python, torch, the explorer's
+  sampling generator), loaded back with ``torch.load(weights_only=True)`` (no arbitrary pickle);
+- ``state.json``: step / policy version, the sample strategy's state, the explorer's progress (next
+  batch index, tasks consumed), the evaluation before training, and the config it was written under.
+
+It is written to a temporary folder and renamed into place, so a crash mid-write leaves the previous
+checkpoint intact; only the newest ``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+CKPT_DIR = "checkpoints"
+
+
+def _step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of ``run_dir``, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.json").is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, state: dict,
+                    generators: dict[str, torch.Generator], keep: int = 2) -> Path:
+    """Write the checkpoint of ``step`` atomically (temp folder + rename) and prune to the newest ``keep``."""
+    from safetensors.torch import save_model
+
+    final = _step_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }, tmp / "trainer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, generators: dict[str, torch.Generator]) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote into the given objects; returns ``state.json``."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    load_model(model, str(path / "model.safetensors"))
+    blob = torch.load(path / "trainer.pt", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scheduler is not None and blob["scheduler"] is not None:
+        scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    random.setstate(_as_tuple(blob["python_rng"]))
+    for k, g in generators.items():
+        g.set_state(blob["generators"][k])
+    return json.loads((path / "state.json").read_text())
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

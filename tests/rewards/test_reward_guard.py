@@ -1,0 +1,60 @@
+"""Reward faults are isolated per sample: exceptions, hangs (even in C), NaN/inf/None."""
+
+import math
+import time
+
+from offpolicy.rewards.guard import GuardedReward, check_value
+
+
+def good(response, truth):
+    return float(response == truth)
+
+
+def faulty(response, truth):
+    if response == "raise":
+        raise ZeroDivisionError("boom")
+    if response == "hang":
+        time.sleep(60)  # stands for code that never returns
+    if response == "nan":
+        return math.nan
+    if response == "inf":
+        return -math.inf
+    if response == "none":
+        return None
+    if response == "die":
+        import os
+
+        os._exit(3)
+    return float(response == truth)
+
+
+def test_check_value():
+    assert check_value(1) == (1.0, None, "")
+    assert check_value(True).fault is None and check_value(True).value == 1.0
+    assert check_value(math.nan).fault == "non_finite"
+    assert check_value(None).fault == "not_a_number"
+    assert check_value("x").fault == "not_a_number"
+    assert check_value("0.5").value == 0.5
+
+
+def test_each_fault_is_marked_and_the_rest_scored():
+    guard = GuardedReward(faulty, timeout_s=1.0)
+    try:
+        pairs = [("7", "7"), ("raise", "7"), ("8", "7"), ("hang", "7"), ("7", "7"), ("nan", "7"), ("inf", "7"),
+                 ("none", "7"), ("die", "7"), ("7", "7")]
+        t0 = time.monotonic()
+        out = guard(pairs)
+        assert time.monotonic() - t0 < 15  # the hang cost about its 1 s limit, not 60 s
+        assert [o.value for o in out] == [1.0, None, 0.0, None, 1.0, None, None, None, None, 1.0]
+        assert [o.fault for o in out] == [None, "exception", None, "timeout", None, "non_finite", "non_finite",
+                                          "not_a_number", "worker_died", None]
+        assert "ZeroDivisionError: boom" in out[1].message
+        assert guard(pairs[:1])[0].value == 1.0  # the worker was restarted after the kill
+    finally:
+        guard.close()
+
+
+def test_in_process_mode_catches_exceptions():
+    guard = GuardedReward(faulty, timeout_s=None)
+    out = guard([("raise", "1"), ("1", "1")])
+    assert out[0].fault == "exception" and out[1].value == 1.0
