@@ -85,6 +85,7 @@ class BufferConfig(_Section):
 
 
 class RewardConfig(_Section):
+    function: str = Field("exact_match", description="'exact_match', or 'package.module:function' for a user reward (response, ground_truth) -> float.")
     timeout_s: float | None = Field(5.0, gt=0, description="Per-sample time limit, enforced by killing a worker process (None: score in-process, no limit).")
     max_invalid_frac: float = Field(0.5, ge=0, le=1, description="Stop the run (after a checkpoint) when more than this fraction of a batch has faulty rewards.")
 

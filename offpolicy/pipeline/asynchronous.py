@@ -149,7 +149,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint)
     cursor = {start["batch"] - 1: start["explorer"]} if state else {}
 
-    def save(step: int) -> None:
+    def save(step: int, eval_after: dict | None = None) -> None:
         # Batches still in the buffer stay and are trained after a resume; the explorer restarts after
         # the newest of them, or, if one of them is consumed before the next checkpoint, rewinds to the
         # oldest one (its rows written later are rolled back and regenerated).
@@ -161,7 +161,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
             cursor.update({e: rep["state"] for e, rep in pending.items()})
         checkpoint_run(ctx, step, explorer_state=cursor[last], strategy=strategy, eval_before=loop.eval_before,
                        last_eval=loop.last_eval, generators=gens, next_batch=last + 1, in_buffer=in_buffer,
-                       rewind_state=cursor[oldest - 1])
+                       rewind_state=cursor[oldest - 1], eval_after=eval_after)
         for e in [e for e in cursor if e < oldest - 1]:
             del cursor[e]
 
@@ -205,7 +205,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
                     raise RunStopped(f"stopped by {stop_request.requested} after step {step}; checkpoint "
                                      f"written, resume with: offpolicy train --resume {ctx.run_dir}")
             result = loop.finish()
-            save(cfg.train.steps)
+            save(cfg.train.steps, result.eval_after)
             return result
     finally:
         stop.set()

@@ -59,9 +59,25 @@ def task_source(cfg: Config) -> tuple[Iterator, list]:
 
 
 def reward_function(cfg: Config) -> Callable[[str, str], float]:
-    from offpolicy.rewards import exact_match
+    """``reward.function``: a built-in name or ``module:function`` (imported here, so a typo fails early)."""
+    import importlib
 
-    return exact_match
+    from offpolicy.rewards import REWARDS
+
+    name = cfg.reward.function
+    if ":" not in name:
+        if name not in REWARDS:
+            raise ConfigError(f"reward.function: unknown reward {name!r}; built-in: {sorted(REWARDS)}, "
+                              "or give 'package.module:function'")
+        return REWARDS[name]
+    module, attr = name.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward.function: cannot import {name!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"reward.function: {name!r} is not callable")
+    return fn
 
 
 def lr_multiplier(train_cfg) -> Callable[[int], float]:
@@ -129,6 +145,7 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
 
     torch.set_num_threads(cfg.train.threads)
     algo = bind_algorithm(cfg)
+    reward_fn = reward_function(cfg)
     seed_everything(cfg.train.seed)
     model, tokenizer = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
     ref_model = None
@@ -145,4 +162,4 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
     available = ("behav_logp",) + (("ref_logp",) if algo.kl_fn is not None else ())
     needs_old = needs_input(algo.loss_fn, "old_logp", available=available)
     return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, task_source(cfg)[1],
-                      reward_function(cfg), needs_old)
+                      reward_fn, needs_old)

@@ -104,7 +104,7 @@ def roll_back_metrics(run_dir: Path, step: int) -> int:
 
 def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, eval_before: dict, last_eval: float,
                    generators: dict, next_batch: int | None = None, in_buffer: list[int] = (),
-                   rewind_state: dict | None = None) -> Path:
+                   rewind_state: dict | None = None, eval_after: dict | None = None) -> Path:
     """Save the whole run state after ``step`` (see :mod:`offpolicy.train.checkpoint`).
 
     ``explorer_state``: the explorer's cursor before batch ``next_batch`` (default: ``step``).
@@ -116,7 +116,8 @@ def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, eval_befor
     state = {"version": step, "next_batch": step if next_batch is None else next_batch,
              "in_buffer": list(in_buffer), "explorer": {"tasks_consumed": explorer_state["tasks_consumed"]},
              "rewind": None if rewind_state is None else {"tasks_consumed": rewind_state["tasks_consumed"]},
-             "strategy": strategy.state_dict(), "eval_before": eval_before, "last_eval": last_eval}
+             "strategy": strategy.state_dict(), "eval_before": eval_before, "last_eval": last_eval,
+             "eval_after": eval_after}
     generators["explorer"].set_state(as_generator_state(explorer_state["generator"]))
     if rewind_state is not None:
         generators["rewind"].set_state(as_generator_state(rewind_state["generator"]))

@@ -38,9 +38,9 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     loop = TrainLoop(ctx, progress=progress, resumed=state)
 
-    def save(step: int, explorer_state: dict) -> None:
+    def save(step: int, explorer_state: dict, eval_after: dict | None = None) -> None:
         checkpoint_run(ctx, step, explorer_state=explorer_state, strategy=strategy, eval_before=loop.eval_before,
-                       last_eval=loop.last_eval, generators={"explorer": torch.Generator()})
+                       last_eval=loop.last_eval, generators={"explorer": torch.Generator()}, eval_after=eval_after)
 
     try:
         with StopRequest() as stop:
@@ -67,7 +67,7 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
                     raise RunStopped(f"stopped by {stop.requested} after step {step}; checkpoint written, "
                                      f"resume with: offpolicy train --resume {ctx.run_dir}")
             result = loop.finish()
-            save(cfg.train.steps, explorer.state_dict())
+            save(cfg.train.steps, explorer.state_dict(), result.eval_after)
             return result
     finally:
         loop.close()

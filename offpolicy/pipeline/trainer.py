@@ -16,6 +16,7 @@ import torch
 
 from offpolicy.data.experience import Experience, collate
 from offpolicy.pipeline.context import RunContext
+from offpolicy.rewards.guard import GuardedReward
 from offpolicy.train.evaluate import evaluate
 from offpolicy.train.metrics import MetricsWriter
 from offpolicy.train.step import train_step
@@ -67,6 +68,8 @@ class TrainLoop:
         self.progress = progress
         self.start = time.perf_counter()
         self.consecutive_skips = 0
+        self.resumed = resumed
+        self.scorer = GuardedReward(ctx.reward_fn, timeout_s=self.cfg.reward.timeout_s)
         if resumed:
             self.eval_before, self.last_eval = resumed["eval_before"], resumed["last_eval"]
         else:
@@ -78,7 +81,7 @@ class TrainLoop:
     def evaluate(self, step: int) -> dict:
         t0 = time.perf_counter()
         res = evaluate(self.ctx.model, self.ctx.tokenizer, self.ctx.eval_tasks, self.ctx.reward_fn,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens)
+                       max_new_tokens=self.cfg.rollout.max_new_tokens, scorer=self.scorer)
         self.writer.write({"kind": "eval", "step": step, **res, "eval_s": time.perf_counter() - t0})
         return res
 
@@ -123,6 +126,10 @@ class TrainLoop:
                 f"train.max_skipped_steps={self.cfg.train.max_skipped_steps}); last batch statistics {batch}")
 
     def finish(self) -> RunResult:
+        r = self.resumed
+        if r and r["step"] >= self.cfg.train.steps and r.get("eval_after"):  # resumed a finished run
+            return RunResult(self.ctx.run_dir, self.eval_before, r["eval_after"], self.cfg.train.steps,
+                             time.perf_counter() - self.start)
         after = self.evaluate(self.cfg.train.steps)
         if self.cfg.run.save_final:
             self.ctx.model.save_pretrained(self.ctx.run_dir / "final", safe_serialization=True)
@@ -131,6 +138,7 @@ class TrainLoop:
                          time.perf_counter() - self.start)
 
     def close(self) -> None:
+        self.scorer.close()
         self.writer.close()
         if self.progress:
             self.progress.stop()

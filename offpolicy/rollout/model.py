@@ -43,8 +43,14 @@ def load_policy(path: str = "bundled", *, device: str = "cpu", dtype: str = "flo
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from offpolicy.config import ConfigError
+
     hf_logging.disable_progress_bar()
     folder = resolve_model_path(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, _DTYPES[dtype]))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, _DTYPES[dtype]))
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError, KeyError) as e:  # malformed config.json, missing weights, bad tokenizer
+        raise ConfigError(f"model.path: cannot load {folder}: {type(e).__name__}: {e}") from None
     model.to(device).eval()
-    return model, load_tokenizer(folder)
+    return model, tokenizer

@@ -7,13 +7,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from offpolicy.rewards.guard import score_one
+from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.engine import HFEngine
 
 
-def _correct(reward_fn, response: str, truth: str) -> bool:
-    """A faulty reward (raises, NaN, ...) counts as not correct instead of stopping the evaluation."""
-    return (score_one(reward_fn, response, truth).value or 0.0) >= 1.0
+def _n_correct(scorer, texts, truths) -> list[bool]:
+    """A faulty reward (raises, hangs, NaN, ...) counts as not correct instead of stopping the evaluation."""
+    return [(s.value or 0.0) >= 1.0 for s in scorer(list(zip(texts, truths)))]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -26,8 +26,13 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], float], *,
              max_new_tokens: int, pass_k: int = 0, temperature: float = 1.0, seed: int = 0,
-             batch_size: int = 512) -> dict[str, float]:
-    """``{"accuracy": greedy accuracy, f"pass@{k}": ...}`` over ``tasks`` (pass@k sampled at ``temperature``)."""
+             batch_size: int = 512, scorer=None) -> dict[str, float]:
+    """``{"accuracy": greedy accuracy, f"pass@{k}": ...}`` over ``tasks`` (pass@k sampled at ``temperature``).
+
+    ``scorer``: a :class:`~offpolicy.rewards.guard.GuardedReward` (time limits); default: ``reward_fn``
+    in-process with its exceptions and bad values counted as wrong answers.
+    """
+    scorer = scorer or GuardedReward(reward_fn, timeout_s=None)
     was_training = model.training
     model.eval()
     engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
@@ -38,15 +43,15 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
         prompts = [tokenizer(t.prompt)["input_ids"] for t in chunk]
         ro = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
         texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-        correct += sum(_correct(reward_fn, x, t.answer) for x, t in zip(texts, chunk))
+        correct += sum(_n_correct(scorer, texts, [t.answer for t in chunk]))
         if pass_k:
             n = max(pass_k, 1)
             ro = engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                  generator=gen)
             texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-            for j, t in enumerate(chunk):
-                c = sum(_correct(reward_fn, x, t.answer) for x in texts[j * n : (j + 1) * n])
-                pass_sum += pass_at_k(n, c, pass_k)
+            ok = _n_correct(scorer, texts, [t.answer for t in chunk for _ in range(n)])
+            for j in range(len(chunk)):
+                pass_sum += pass_at_k(n, sum(ok[j * n : (j + 1) * n]), pass_k)
     model.train(was_training)
     out = {"accuracy": correct / max(len(tasks), 1)}
     if pass_k:
