@@ -36,7 +36,7 @@ def main() -> None:
     from offpolicy.train.checkpoint import latest_checkpoint
     from offpolicy.train.metrics import read_metrics
 
-    base = [f"train.steps={args.steps}", "checkpoint.every=5", "buffer.kind=sqlite", "run.progress=false",
+    base = [f"train.steps={args.steps}", "checkpoint.every=10", "buffer.kind=sqlite", "run.progress=false",
             "run.tensorboard=false", "eval.every=20", f"train.seed={args.seed}"]
     if args.mode == "async":
         base += ["pipeline.mode=async", "pipeline.sync_offset=1", "train.threads=1"]
@@ -50,11 +50,14 @@ def main() -> None:
     proc = subprocess.Popen([*cli, *base, f"run.dir={run_dir}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     kills, resumed_from = 0, []
+    step_of = lambda p: -1 if p is None else int(p.name.split("-")[1])  # noqa: E731
     while kills < args.kills:
         t0 = time.monotonic()
-        while latest_checkpoint(run_dir) is None and proc.poll() is None and time.monotonic() - t0 < 300:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.2, 3.0))
+        seen = step_of(latest_checkpoint(run_dir))
+        # wait for a checkpoint newer than the one resumed from, then kill at a random point after it
+        while step_of(latest_checkpoint(run_dir)) <= seen and proc.poll() is None and time.monotonic() - t0 < 300:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))
         if proc.poll() is not None:
             break  # finished before the kill
         proc.send_signal(signal.SIGKILL)
