@@ -54,7 +54,8 @@ def _explorer_main(cfg_json: str, run_dir: str, channel: WeightChannel, buffer, 
         alive = lambda: not stop.is_set() and _pid_alive(parent_pid)  # noqa: E731
         loaded = -1
         p = cfg.pipeline
-        for e in range(start["batch"], cfg.train.steps):
+        e, todo = start["batch"], cfg.train.steps - start["first_step"] - start["kept_batches"]
+        for _ in range(todo):
             t0 = time.perf_counter()
             version = max(weights_version(e, sync_offset=p.sync_offset, sync_interval=p.sync_interval),
                           start["min_version"])
@@ -69,6 +70,11 @@ def _explorer_main(cfg_json: str, run_dir: str, channel: WeightChannel, buffer, 
                          "buffer_put_s": time.perf_counter() - t1, "explore_s": time.perf_counter() - t0,
                          "state": explorer.state_dict()})
             ready.release()
+            if e == start.get("jump_after"):  # regenerated the batches a dead step consumed: skip ahead
+                explorer.load_state_dict(start["jump_explorer"])
+                e = start["jump_to"]
+            else:
+                e += 1
             if stop.is_set():
                 return
     except BaseException:  # report any failure to the trainer instead of dying silently
@@ -123,14 +129,14 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     buffer = open_run_buffer(cfg, ctx.run_dir)
     strategy = make_strategy("staleness", max_staleness=cfg.staleness_bound)
     state, gens = None, {"explorer": torch.Generator(), "rewind": torch.Generator()}
-    start = {"batch": 0, "explorer": None}
+    start = {"batch": 0, "explorer": None, "jump_after": None}
     if resume:
         state = restore_run(ctx, strategy=strategy, buffer=buffer, generators=gens)
         start = resume_point(state, buffer)
         log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
             f"{start['batch']}")
     first = (state or {}).get("step", 0)
-    start["min_version"] = first
+    start.update(min_version=first, first_step=first, kept_batches=len(buffered_batches(buffer)))
     mpc = mp.get_context("spawn")
     channel = WeightChannel(ctx.model, mpc)
     channel.publish(ctx.model, first, after_loaded=None)
@@ -148,6 +154,12 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     pending: dict[int, dict] = {}
     # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint)
     cursor = {start["batch"] - 1: start["explorer"]} if state else {}
+    if start["jump_after"] is not None:
+        cursor[start["jump_to"] - 1] = start["jump_explorer"]
+
+    def prune(keep_from: int) -> None:
+        for old in [k for k in cursor if k < keep_from]:
+            del cursor[old]
 
     def save(step: int, eval_after: dict | None = None) -> None:
         # Batches still in the buffer stay and are trained after a resume; the explorer restarts after
@@ -162,8 +174,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
         checkpoint_run(ctx, step, explorer_state=cursor[last], strategy=strategy, eval_before=loop.eval_before,
                        last_eval=loop.last_eval, generators=gens, next_batch=last + 1, in_buffer=in_buffer,
                        rewind_state=cursor[oldest - 1], eval_after=eval_after)
-        for e in [e for e in cursor if e < oldest - 1]:
-            del cursor[e]
+        prune(oldest - 1)
 
     try:
         with StopRequest() as stop_request:
@@ -184,8 +195,8 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
                 report = pending.pop(e, {"batch": e})
                 if "state" in report:
                     cursor[e] = report.pop("state")
-                for old in [k for k in cursor if k < e - 1]:
-                    del cursor[old]
+                if step % 100 == 0:  # keep the cursors a checkpoint may still need
+                    prune(min(buffered_batches(buffer), default=e + 1) - 1)
                 record = loop.train(exps, step)
                 publish_wait = publish_s = 0.0
                 if step % p.sync_interval == 0 and step <= last_needed:

@@ -148,15 +148,24 @@ def restore_run(ctx, *, strategy, buffer, generators: dict) -> dict:
 
 
 def resume_point(state: dict, buffer) -> dict:
-    """Where the async explorer continues: after the newest batch of the checkpoint if every batch that
-    was in the buffer then is still there; else (one was consumed by a step that died) rewind to the
-    oldest of them, rolling back the rest so the batches are regenerated in order."""
+    """Where the async explorer continues after a resume: a plan of batch indices and cursors.
+
+    Batches that were in the buffer at the checkpoint and still are stay, and are trained. Those that a
+    step consumed before dying (the oldest ones: consumption is oldest first) are regenerated from the
+    cursor saved before the oldest of them; then the explorer jumps past the newest batch of the
+    checkpoint and continues. Returns ``{"batch", "explorer", "jump_after", "jump_to", "jump_explorer"}``.
+    """
     in_buffer = state.get("in_buffer", [])
-    if set(in_buffer) <= set(buffered_batches(buffer)):
-        return {"batch": state["next_batch"], "explorer": state["explorer"]}
+    consumed = sorted(set(in_buffer) - set(buffered_batches(buffer)))
+    plan = {"batch": state["next_batch"], "explorer": state["explorer"], "jump_after": None}
+    if not consumed:
+        return plan
     oldest = min(in_buffer)
-    buffer.sample(0, RollBackBatches(oldest - 1), now_version=state["step"])
-    return {"batch": oldest, "explorer": state["rewind"]}
+    if consumed != list(range(oldest, oldest + len(consumed))):  # not a prefix: regenerate them all
+        buffer.sample(0, RollBackBatches(oldest - 1), now_version=state["step"])
+        return {"batch": oldest, "explorer": state["rewind"], "jump_after": None}
+    return {"batch": oldest, "explorer": state["rewind"], "jump_after": consumed[-1],
+            "jump_to": state["next_batch"], "jump_explorer": state["explorer"]}
 
 
 class StopRequest:
