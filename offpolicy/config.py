@@ -30,7 +30,12 @@ class ModelConfig(_Section):
 
 
 class TasksConfig(_Section):
-    name: Literal["arithmetic"] = Field("arithmetic", description="Task family.")
+    name: Literal["arithmetic", "jsonl"] = Field("arithmetic", description="Task family: generated arithmetic, or JSON-lines files (train_path / eval_path).")
+    train_path: str | None = Field(None, description="jsonl: training tasks file.")
+    eval_path: str | None = Field(None, description="jsonl: held-out tasks file (default: train_path).")
+    prompt_key: str = Field("prompt", description="jsonl: field holding the prompt.")
+    answer_key: str = Field("answer", description="jsonl: field holding the ground truth.")
+    template: str = Field("{prompt}", description="jsonl: prompt template; {prompt} is the row's prompt.")
     seed: int = Field(0, description="Seed of the task generator (train stream and held-out split).")
     levels: list[int] = Field([1], description="Difficulty levels to mix (1: one step, 2: two steps; the bundled model is trained on 1).")
     eval_size: int = Field(512, ge=1, description="Number of held-out tasks for evaluation.")
@@ -124,6 +129,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
+        if self.tasks.name == "jsonl" and not self.tasks.train_path:
+            raise ValueError("tasks.name=jsonl needs tasks.train_path")
         if self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: group-relative advantages need at "
                              "least 2 responses per task (a group of one has no baseline)")

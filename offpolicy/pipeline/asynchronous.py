@@ -23,8 +23,7 @@ from offpolicy.config import Config
 from offpolicy.data.sampling import make_strategy
 from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
 from offpolicy.pipeline.explorer import Explorer, weights_version
-from offpolicy.pipeline.resume import (RunStopped, StopRequest, buffered_batches, checkpoint_run, restore_run,
-                                       resume_point)
+from offpolicy.pipeline.resume import RunStopped, StopRequest, checkpoint_run, restore_run
 from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
 from offpolicy.pipeline.weights import WeightChannel
 
@@ -54,8 +53,7 @@ def _explorer_main(cfg_json: str, run_dir: str, channel: WeightChannel, buffer, 
         alive = lambda: not stop.is_set() and _pid_alive(parent_pid)  # noqa: E731
         loaded = -1
         p = cfg.pipeline
-        e, todo = start["batch"], cfg.train.steps - start["first_step"] - start["kept_batches"]
-        for _ in range(todo):
+        for e in range(start["batch"], cfg.train.steps):
             t0 = time.perf_counter()
             version = max(weights_version(e, sync_offset=p.sync_offset, sync_interval=p.sync_interval),
                           start["min_version"])
@@ -70,11 +68,6 @@ def _explorer_main(cfg_json: str, run_dir: str, channel: WeightChannel, buffer, 
                          "buffer_put_s": time.perf_counter() - t1, "explore_s": time.perf_counter() - t0,
                          "state": explorer.state_dict()})
             ready.release()
-            if e == start.get("jump_after"):  # regenerated the batches a dead step consumed: skip ahead
-                explorer.load_state_dict(start["jump_explorer"])
-                e = start["jump_to"]
-            else:
-                e += 1
             if stop.is_set():
                 return
     except BaseException:  # report any failure to the trainer instead of dying silently
@@ -114,11 +107,11 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
               log=print) -> RunResult:
     """Train up to ``cfg.train.steps`` steps with the explorer in a separate process (see the module docstring).
 
-    Checkpoints as the synchronous runner does, plus the explorer's cursor after the newest batch in the
-    buffer. On resume, the batches written before the checkpoint stay in the buffer and are trained;
-    later ones are rolled back and regenerated from the cursor. The first batches generated after a
-    resume use the checkpoint's weights where the schedule names an older version (older weights are
-    not saved), so their staleness can be below ``sync_offset`` for a few steps.
+    Checkpoints as the synchronous runner does, with the explorer's cursor after the batch trained at
+    the checkpoint. On resume, the batches not yet consumed (those the explorer had written ahead) are
+    rolled back and regenerated in order from that cursor. The first batches generated after a resume
+    use the checkpoint's weights where the schedule names an older version (older weights are not
+    saved), so their staleness can be below ``sync_offset`` for a few steps.
     """
     import os
 
@@ -128,15 +121,15 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     p = cfg.pipeline
     buffer = open_run_buffer(cfg, ctx.run_dir)
     strategy = make_strategy("staleness", max_staleness=cfg.staleness_bound)
-    state, gens = None, {"explorer": torch.Generator(), "rewind": torch.Generator()}
-    start = {"batch": 0, "explorer": None, "jump_after": None}
+    state, gens = None, {"explorer": torch.Generator()}
+    start = {"batch": 0, "explorer": None}
     if resume:
         state = restore_run(ctx, strategy=strategy, buffer=buffer, generators=gens)
-        start = resume_point(state, buffer)
+        start = {"batch": state["next_batch"], "explorer": state["explorer"]}
         log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
             f"{start['batch']}")
     first = (state or {}).get("step", 0)
-    start.update(min_version=first, first_step=first, kept_batches=len(buffered_batches(buffer)))
+    start.update(min_version=first)
     mpc = mp.get_context("spawn")
     channel = WeightChannel(ctx.model, mpc)
     channel.publish(ctx.model, first, after_loaded=None)
@@ -154,27 +147,17 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     pending: dict[int, dict] = {}
     # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint)
     cursor = {start["batch"] - 1: start["explorer"]} if state else {}
-    if start["jump_after"] is not None:
-        cursor[start["jump_to"] - 1] = start["jump_explorer"]
 
     def prune(keep_from: int) -> None:
         for old in [k for k in cursor if k < keep_from]:
             del cursor[old]
 
     def save(step: int, eval_after: dict | None = None) -> None:
-        # Batches still in the buffer stay and are trained after a resume; the explorer restarts after
-        # the newest of them, or, if one of them is consumed before the next checkpoint, rewinds to the
-        # oldest one (its rows written later are rolled back and regenerated).
-        in_buffer = buffered_batches(buffer)
-        last = max([step - 1, *in_buffer])
-        oldest = min(in_buffer, default=last + 1)
-        while last not in cursor or oldest - 1 not in cursor:
-            _next_report(ready, reports, proc, pending)
-            cursor.update({e: rep["state"] for e, rep in pending.items()})
-        checkpoint_run(ctx, step, explorer_state=cursor[last], strategy=strategy, eval_before=loop.eval_before,
-                       last_eval=loop.last_eval, generators=gens, next_batch=last + 1, in_buffer=in_buffer,
-                       rewind_state=cursor[oldest - 1], eval_after=eval_after)
-        prune(oldest - 1)
+        # The explorer's cursor after the batch trained at ``step``: a resume rolls back every batch
+        # not yet consumed (the few the explorer wrote ahead) and regenerates from there, in order.
+        checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy,
+                       eval_before=loop.eval_before, last_eval=loop.last_eval, generators=gens,
+                       next_batch=step, eval_after=eval_after)
 
     try:
         with StopRequest() as stop_request:
@@ -185,7 +168,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
                     while not (exps := buffer.sample(rows, strategy, now_version=step - 1)):
                         _next_report(ready, reports, proc, pending)
                     e = _batch_index(exps)
-                    while e not in pending and e not in cursor:  # its report follows its put closely
+                    while e not in pending:  # the explorer reports each batch right after putting it
                         _next_report(ready, reports, proc, pending)
                 except RuntimeError:
                     if step > first + 1:
@@ -195,8 +178,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
                 report = pending.pop(e, {"batch": e})
                 if "state" in report:
                     cursor[e] = report.pop("state")
-                if step % 100 == 0:  # keep the cursors a checkpoint may still need
-                    prune(min(buffered_batches(buffer), default=e + 1) - 1)
+                prune(e)  # a checkpoint needs the cursor of the batch just trained only
                 record = loop.train(exps, step)
                 publish_wait = publish_s = 0.0
                 if step % p.sync_interval == 0 and step <= last_needed:

@@ -50,12 +50,32 @@ def seed_everything(seed: int) -> None:
 
 
 def task_source(cfg: Config) -> tuple[Iterator, list]:
-    """(endless training-task iterator, held-out tasks) for ``cfg.tasks``."""
+    """(endless training-task iterator, held-out tasks) for ``cfg.tasks``; file rows are checked here."""
+    t = cfg.tasks
+    if t.name == "jsonl":
+        from offpolicy.data.jsonl_tasks import DatasetError, load_jsonl_tasks
+
+        kw = {"prompt_key": t.prompt_key, "answer_key": t.answer_key, "template": t.template}
+        try:
+            train = load_jsonl_tasks(t.train_path, **kw)
+            held_out = load_jsonl_tasks(t.eval_path or t.train_path, limit=t.eval_size, **kw)
+        except DatasetError as e:
+            raise ConfigError(f"tasks: {e}") from None
+        return _epochs(train, t.seed), held_out
     from offpolicy.data import arithmetic
 
-    levels = tuple(cfg.tasks.levels)
-    return (arithmetic.stream(seed=cfg.tasks.seed, levels=levels),
-            arithmetic.generate("eval", cfg.tasks.eval_size, seed=cfg.tasks.seed, levels=levels))
+    levels = tuple(t.levels)
+    return (arithmetic.stream(seed=t.seed, levels=levels),
+            arithmetic.generate("eval", t.eval_size, seed=t.seed, levels=levels))
+
+
+def _epochs(tasks: list, seed: int) -> Iterator:
+    """Endless passes over ``tasks``, reshuffled each epoch (deterministic in ``seed``)."""
+    rng = random.Random(seed)
+    while True:
+        order = list(tasks)
+        rng.shuffle(order)
+        yield from order
 
 
 def reward_function(cfg: Config) -> Callable[[str, str], float]:

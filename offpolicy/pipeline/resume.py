@@ -9,8 +9,10 @@ and sampling generator, the step / policy version and the evaluation before trai
   (nothing written is deleted), so the metrics file reads as one run.
 
 Rows consumed after the checkpoint were handed to a training step whose update died with the process:
-they are ``used`` in the ledger (consumed once) and their batch is regenerated — in sync mode
-identically (same seed, same cursor), so the resumed run's metrics equal an uninterrupted run's.
+they are ``used`` in the ledger (consumed once, never handed out again). In sync mode the batch is
+regenerated identically from the restored cursor (new rows, same content), so the resumed run's metrics
+equal an uninterrupted run's. In async mode the few batches the explorer had written ahead of the
+trainer are rolled back too and everything from the checkpoint's batch on is regenerated in order.
 """
 
 from __future__ import annotations
@@ -103,24 +105,18 @@ def roll_back_metrics(run_dir: Path, step: int) -> int:
 
 
 def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, eval_before: dict, last_eval: float,
-                   generators: dict, next_batch: int | None = None, in_buffer: list[int] = (),
-                   rewind_state: dict | None = None, eval_after: dict | None = None) -> Path:
+                   generators: dict, next_batch: int | None = None, eval_after: dict | None = None) -> Path:
     """Save the whole run state after ``step`` (see :mod:`offpolicy.train.checkpoint`).
 
     ``explorer_state``: the explorer's cursor before batch ``next_batch`` (default: ``step``).
-    Async runs add ``in_buffer`` (batches not yet consumed) and ``rewind_state`` (the cursor before the
-    oldest of them), used if one of those batches is consumed before the next checkpoint.
     """
     from offpolicy.pipeline.explorer import as_generator_state
 
     state = {"version": step, "next_batch": step if next_batch is None else next_batch,
-             "in_buffer": list(in_buffer), "explorer": {"tasks_consumed": explorer_state["tasks_consumed"]},
-             "rewind": None if rewind_state is None else {"tasks_consumed": rewind_state["tasks_consumed"]},
+             "explorer": {"tasks_consumed": explorer_state["tasks_consumed"]},
              "strategy": strategy.state_dict(), "eval_before": eval_before, "last_eval": last_eval,
              "eval_after": eval_after}
     generators["explorer"].set_state(as_generator_state(explorer_state["generator"]))
-    if rewind_state is not None:
-        generators["rewind"].set_state(as_generator_state(rewind_state["generator"]))
     return save_checkpoint(ctx.run_dir, step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                            state=state, generators=generators, keep=ctx.cfg.checkpoint.keep)
 
@@ -141,31 +137,8 @@ def restore_run(ctx, *, strategy, buffer, generators: dict) -> dict:
     buffer.sample(0, RollBackBatches(state.get("next_batch", step) - 1), now_version=step)
     roll_back_metrics(ctx.run_dir, step)
     state["explorer"]["generator"] = generators["explorer"].get_state()
-    if state.get("rewind"):
-        state["rewind"]["generator"] = generators["rewind"].get_state()
     state["path"] = str(path)
     return state
-
-
-def resume_point(state: dict, buffer) -> dict:
-    """Where the async explorer continues after a resume: a plan of batch indices and cursors.
-
-    Batches that were in the buffer at the checkpoint and still are stay, and are trained. Those that a
-    step consumed before dying (the oldest ones: consumption is oldest first) are regenerated from the
-    cursor saved before the oldest of them; then the explorer jumps past the newest batch of the
-    checkpoint and continues. Returns ``{"batch", "explorer", "jump_after", "jump_to", "jump_explorer"}``.
-    """
-    in_buffer = state.get("in_buffer", [])
-    consumed = sorted(set(in_buffer) - set(buffered_batches(buffer)))
-    plan = {"batch": state["next_batch"], "explorer": state["explorer"], "jump_after": None}
-    if not consumed:
-        return plan
-    oldest = min(in_buffer)
-    if consumed != list(range(oldest, oldest + len(consumed))):  # not a prefix: regenerate them all
-        buffer.sample(0, RollBackBatches(oldest - 1), now_version=state["step"])
-        return {"batch": oldest, "explorer": state["rewind"], "jump_after": None}
-    return {"batch": oldest, "explorer": state["rewind"], "jump_after": consumed[-1],
-            "jump_to": state["next_batch"], "jump_explorer": state["explorer"]}
 
 
 class StopRequest:

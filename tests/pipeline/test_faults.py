@@ -122,3 +122,28 @@ def test_unknown_reward_and_preset_fail_before_any_compute(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'eps_hgh'" in err and "did you mean 'eps_high'" in err
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "2+2=", "answer": 4\n', r"rows.jsonl:2: not valid JSON"),
+    ('{"prompt": "1+2=", "answer": "3"}\n\n{"question": "2+2=", "answer": "4"}\n',
+     r"rows.jsonl:3: missing field 'prompt'"),
+    ('["1+2=", "3"]\n', r"rows.jsonl:1: expected a JSON object"),
+])
+def test_bad_dataset_rows_name_file_and_line(tmp_path, content, message):
+    f = tmp_path / "rows.jsonl"
+    f.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        from offpolicy.pipeline.context import task_source
+
+        task_source(load_config(None, ["tasks.name=jsonl", f"tasks.train_path={f}"]))
+
+
+def test_jsonl_tasks_train_end_to_end(tmp_path):
+    rows = "\n".join(json.dumps({"q": f"{a}+{b}=", "a": str(a + b)}) for a in range(10, 20) for b in range(10, 14))
+    (tmp_path / "t.jsonl").write_text(rows + "\n")
+    cfg = load_config(None, [*SMALL, f"run.dir={tmp_path / 'run'}", "train.steps=2", "tasks.name=jsonl",
+                             f"tasks.train_path={tmp_path / 't.jsonl'}", "tasks.prompt_key=q", "tasks.answer_key=a"])
+    res = run(cfg, log=lambda *a: None)
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [1, 2]
+    assert 0.0 <= res.eval_after["accuracy"] <= 1.0

@@ -57,7 +57,7 @@ def test_kill_and_resume_loses_nothing_and_matches_an_uninterrupted_run(tmp_path
     if killed.returncode == 0:  # the run finished before the kill landed: nothing to resume
         pytest.skip("the run finished before SIGKILL")
     resumed = _train(run_dir, resume=True)
-    out = resumed.communicate(timeout=300)[0]
+    out = resumed.communicate(timeout=120)[0]
     assert resumed.returncode == 0, out
     assert f"resuming from step {ckpt_step}" in out
 
