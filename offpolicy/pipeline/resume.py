@@ -28,58 +28,23 @@ from offpolicy.data.sampling import GroupMeta, Selection
 from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
-class RollBack:
-    """A one-shot sample strategy that removes never-consumed groups with ``version >= min_version``."""
-
-    def __init__(self, min_version: int):
-        self.min_version = min_version
-
-    def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
-        return Selection(remove=tuple(g.key for g in groups
-                                      if not g.expert and g.use_count == 0 and g.version >= self.min_version))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class Probe:
-    """A sample strategy that takes nothing and remembers the groups it was shown (to list the buffer)."""
-
-    def __init__(self):
-        self.groups: list[GroupMeta] = []
-
-    def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
-        self.groups = list(groups)
-        return Selection()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-def buffered_batches(buffer) -> list[int]:
-    """Batch indices (the ``@b<e>`` tag of group ids) of the groups still in ``buffer``."""
-    probe = Probe()
-    buffer.sample(0, probe, now_version=0)
-    return sorted({int(m.group(1)) for g in probe.groups if (m := re.search(r"@b(\d+)", g.key))})
-
-
-class RollBackBatches(RollBack):
-    """Remove never-consumed groups of batches with index > ``last_batch`` (written after a checkpoint)."""
+class RollBackBatches:
+    """A one-shot sample strategy: remove the never-consumed groups of batches with index > ``last_batch``
+    (the ``@b<e>`` tag of group ids), i.e. the rows written after a checkpoint."""
 
     def __init__(self, last_batch: int):
-        super().__init__(0)
         self.last_batch = last_batch
 
     def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
         late = [g.key for g in groups if g.use_count == 0 and not g.expert
                 and (m := re.search(r"@b(\d+)", g.key)) and int(m.group(1)) > self.last_batch]
         return Selection(remove=tuple(late))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def roll_back_metrics(run_dir: Path, step: int) -> int:
