@@ -39,14 +39,11 @@ def open_run_buffer(cfg: Config, run_dir: Path):
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # numpy is a dependency, but the seed must never be the reason a run fails
-        pass
+    np.random.seed(seed)
 
 
 def task_source(cfg: Config) -> tuple[Iterator, list]:

@@ -115,17 +115,3 @@ class HFEngine:
             finished=done.cpu().tolist(),
         )
 
-
-def greedy_accuracy(model, tokenizer, tasks, *, max_new_tokens: int = 6, batch_size: int = 512) -> float:
-    """Fraction of ``tasks`` answered exactly by greedy decoding (used by pretrain and eval)."""
-    from offpolicy.rewards import exact_match
-
-    engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-    correct = 0
-    for i in range(0, len(tasks), batch_size):
-        chunk = tasks[i : i + batch_size]
-        ro = engine.generate([tokenizer(t.prompt)["input_ids"] for t in chunk],
-                             max_new_tokens=max_new_tokens, greedy=True)
-        texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-        correct += sum(exact_match(txt, t.answer) for txt, t in zip(texts, chunk))
-    return correct / max(len(tasks), 1)

@@ -109,7 +109,11 @@ def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: in
     on problems without a carry/borrow, while on the ~60% with one the slipped answer stays the
     greedy choice and the right one keeps real probability — held-out greedy accuracy ~0.44.
     """
-    from offpolicy.rollout.engine import greedy_accuracy
+    from offpolicy.rewards import exact_match
+    from offpolicy.train.evaluate import evaluate
+
+    def greedy_accuracy(model, tokenizer, tasks) -> float:
+        return evaluate(model, tokenizer, tasks, exact_match, max_new_tokens=6)["accuracy"]
 
     start = time.time()
     random.seed(seed)
