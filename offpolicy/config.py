@@ -90,7 +90,7 @@ class BufferConfig(_Section):
 
 
 class RewardConfig(_Section):
-    function: str = Field("exact_match", description="'exact_match', or 'package.module:function' for a user reward (response, ground_truth) -> float.")
+    function: str = Field("exact_match", description="A built-in reward ('exact_match', 'math', 'format', 'code_exec'), 'package.module:function' for a user reward (response, ground_truth) -> float, or a weighted sum of these written 'name:weight,...' such as 'math:1.0,format:0.1' (docs/rewards.md).")
     timeout_s: float | None = Field(5.0, gt=0, description="Per-sample time limit, enforced by killing a worker process (None: score in-process, no limit).")
     max_invalid_frac: float = Field(0.5, ge=0, le=1, description="Stop the run (after a checkpoint) when more than this fraction of a batch has faulty rewards.")
 

@@ -76,25 +76,40 @@ def _epochs(tasks: list, seed: int) -> Iterator:
 
 
 def reward_function(cfg: Config) -> Callable[[str, str], float]:
-    """``reward.function``: a built-in name or ``module:function`` (imported here, so a typo fails early)."""
+    """``reward.function``: a built-in name, ``module:function``, or a weighted sum such as
+    ``"math:1.0,format:0.1"`` (terms ``name:weight``, each name built-in or ``module:function``).
+    Everything is imported here, so a typo fails early."""
     import importlib
+    import re
 
-    from offpolicy.rewards import REWARDS
+    from offpolicy.rewards import REWARDS, combine_rewards
 
-    name = cfg.reward.function
-    if ":" not in name:
-        if name not in REWARDS:
-            raise ConfigError(f"reward.function: unknown reward {name!r}; built-in: {sorted(REWARDS)}, "
-                              "or give 'package.module:function'")
-        return REWARDS[name]
-    module, attr = name.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward.function: cannot import {name!r}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"reward.function: {name!r} is not callable")
-    return fn
+    def resolve(name: str) -> Callable[[str, str], float]:
+        if ":" not in name:
+            if name not in REWARDS:
+                raise ConfigError(f"reward.function: unknown reward {name!r}; built-in: {sorted(REWARDS)}, "
+                                  "or give 'package.module:function'")
+            return REWARDS[name]
+        module, attr = name.split(":", 1)
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"reward.function: cannot import {name!r}: {e}") from None
+        if not callable(fn):
+            raise ConfigError(f"reward.function: {name!r} is not callable")
+        return fn
+
+    spec = cfg.reward.function.strip()
+    # "pkg.mod:fn" is one reward; "math:1.0" (the part after the last ':' a number) is a weighted term.
+    terms = [part.strip().rpartition(":") for part in spec.split(",")]
+    weighted = [bool(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", w)) and bool(n) for n, _, w in terms]
+    if len(terms) == 1 and not weighted[0]:
+        return resolve(spec)
+    for (name, sep, weight), ok in zip(terms, weighted):
+        if not ok:
+            raise ConfigError(f"reward.function: term {(name + sep + weight)!r} of {spec!r} needs a reward "
+                              "name and a weight, e.g. 'math:1.0,format:0.1'")
+    return combine_rewards([(resolve(name.strip()), float(weight)) for name, _, weight in terms])
 
 
 def lr_multiplier(train_cfg) -> Callable[[int], float]:
