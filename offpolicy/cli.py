@@ -1,4 +1,4 @@
-"""Command line: ``offpolicy train | eval | pretrain-tiny``.
+"""Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot``.
 
 Heavy imports (torch, transformers) happen inside the commands so ``offpolicy --help`` is instant.
 """
@@ -84,6 +84,20 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _eval_task_overrides(tasks: str | None) -> list[str]:
+    """``--tasks``: 'gsm8k' (the preset: its test split), 'arithmetic', or a task file / dataset folder."""
+    if tasks is None:
+        return []
+    if tasks == "gsm8k":
+        return ["tasks.preset=gsm8k"]
+    if tasks == "arithmetic":
+        return ["tasks.name=arithmetic"]
+    from pathlib import Path
+
+    kind = "hf" if Path(tasks).is_dir() else "file"
+    return [f"tasks.name={kind}", f"tasks.train_path={tasks}", f"tasks.eval_path={tasks}"]
+
+
 def _cmd_eval(args) -> int:
     import torch
     from rich.console import Console
@@ -93,14 +107,30 @@ def _cmd_eval(args) -> int:
     from offpolicy.rollout.model import load_policy
     from offpolicy.train.evaluate import evaluate
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*_eval_task_overrides(args.tasks), *args.overrides])
     torch.set_num_threads(cfg.train.threads)
-    model, tok = load_policy(args.model, device=cfg.model.device, dtype=cfg.model.dtype)
-    tasks = task_source(cfg)[1][: args.limit or None]
+    model_path = args.model or cfg.model.path
+    model, tok = load_policy(model_path, device=cfg.model.device, dtype=cfg.model.dtype)
+    tasks = task_source(cfg, tok)[1][: args.limit or None]
+    k = cfg.eval.pass_k if args.k is None else args.k
     res = evaluate(model, tok, tasks, reward_function(cfg), max_new_tokens=cfg.rollout.max_new_tokens,
-                   pass_k=args.k, temperature=cfg.rollout.temperature, seed=cfg.train.seed)
-    Console().print(f"{args.model}: {len(tasks)} held-out tasks  "
-                    + "  ".join(f"{k} {v:.3f}" for k, v in res.items()))
+                   pass_k=k, temperature=cfg.rollout.temperature, seed=cfg.train.seed, batch_size=args.batch_size)
+    source = cfg.tasks.preset or cfg.tasks.name
+    scores = "  ".join(f"{'greedy accuracy' if name == 'accuracy' else name} {v:.3f}" for name, v in res.items())
+    Console().print(f"{model_path}: {len(tasks)} held-out {source} tasks, reward {cfg.reward.function}, "
+                    f"max {cfg.rollout.max_new_tokens} new tokens  {scores}")
+    return 0
+
+
+def _cmd_make_smoke_model(args) -> int:
+    import torch
+
+    from offpolicy.train.smoke import make_smoke_model
+
+    torch.set_num_threads(args.threads)
+    res = make_smoke_model(args.out, data=args.data, vocab_size=args.vocab_size, seed=args.seed)
+    print(f"{res.path}: random Qwen2 model, {res.params:,} parameters, BPE vocabulary {res.vocab_size}, "
+          f"ChatML template, {res.seconds:.0f} s")
     return 0
 
 
@@ -148,10 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.preset=rec_oneside_nois")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="greedy accuracy and pass@k of a checkpoint on the held-out split")
-    e.add_argument("--model", default="bundled", help="HF model folder (default: the bundled model)")
+    e.add_argument("--model", help="HF model folder (default: model.path, i.e. the bundled model)")
     e.add_argument("--config", help="YAML config file (tasks, rollout settings)")
-    e.add_argument("--k", type=int, default=8, help="k of pass@k (0: greedy only)")
+    e.add_argument("--tasks", help="'gsm8k' (test split, math reward), 'arithmetic', or a task file / dataset "
+                                   "folder (default: the config's tasks)")
+    e.add_argument("--k", type=int, help="k of pass@k (default: eval.pass_k; 0: greedy only)")
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks")
+    e.add_argument("--batch-size", type=int, default=64, help="sequences generated together")
     e.add_argument("overrides", nargs="*", help="dotted overrides")
     e.set_defaults(fn=_cmd_eval)
     pt = sub.add_parser("pretrain-tiny", help="build the bundled tiny model (tokenizer + SFT warm start)")
@@ -160,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--steps", type=int, default=1000, help="SFT steps")
     pt.add_argument("--threads", type=int, default=2)
     pt.set_defaults(fn=_cmd_pretrain_tiny)
+    sm = sub.add_parser("make-smoke-model", help="a tiny random Qwen2 model with a BPE tokenizer trained on "
+                                                 "GSM8K and a ChatML template (CPU checks of the GSM8K path)")
+    sm.add_argument("out", help="output folder")
+    sm.add_argument("--data", help="jsonl file with question/answer rows (default: the GSM8K train file)")
+    sm.add_argument("--vocab-size", type=int, default=2000)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--threads", type=int, default=2)
+    sm.set_defaults(fn=_cmd_make_smoke_model)
     c = sub.add_parser("compare", help="run presets x seeds on the same budget; write a PNG dashboard and a table")
     c.add_argument("--presets", nargs="+", required=True, help="preset names (offpolicy.algos.PRESETS)")
     c.add_argument("--seeds", nargs="+", type=int, default=[0, 1])

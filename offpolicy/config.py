@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -30,15 +30,27 @@ class ModelConfig(_Section):
 
 
 class TasksConfig(_Section):
-    name: Literal["arithmetic", "jsonl"] = Field("arithmetic", description="Task family: generated arithmetic, or JSON-lines files (train_path / eval_path).")
-    train_path: str | None = Field(None, description="jsonl: training tasks file.")
-    eval_path: str | None = Field(None, description="jsonl: held-out tasks file (default: train_path).")
-    prompt_key: str = Field("prompt", description="jsonl: field holding the prompt.")
-    answer_key: str = Field("answer", description="jsonl: field holding the ground truth.")
-    template: str = Field("{prompt}", description="jsonl: prompt template; {prompt} is the row's prompt.")
-    seed: int = Field(0, description="Seed of the task generator (train stream and held-out split).")
+    name: Literal["arithmetic", "file", "hf", "jsonl"] = Field("arithmetic", description="Task source: generated arithmetic; 'file': JSON lines / Parquet / CSV files (format from the extension; 'jsonl' is an alias); 'hf': a Hugging Face `datasets` dataset (save_to_disk folder, local data folder, or hub name).")
+    preset: Literal["gsm8k"] | None = Field(None, description="Fill defaults for a known data set (keys you set win): gsm8k = the GSM8K files ($OFFPOLICY_GSM8K_DIR or ../shared/data/gsm8k), question/answer fields, a '####' system prompt, eval on all 1319 test rows, reward.function=math, rollout.max_new_tokens=512.")
+    train_path: str | None = Field(None, description="file: training tasks file; hf: dataset folder or hub name.")
+    eval_path: str | None = Field(None, description="file / hf: held-out tasks (default: train_path).")
+    split: str = Field("train", description="hf: split of the training tasks.")
+    eval_split: str | None = Field(None, description="hf: split of the held-out tasks (default: split).")
+    subset: str | None = Field(None, description="hf: dataset configuration name (e.g. 'main' for openai/gsm8k).")
+    prompt_key: str = Field("prompt", description="file / hf: field holding the question.")
+    answer_key: str = Field("answer", description="file / hf: field holding the ground truth.")
+    template: str = Field("{prompt}", description="Prompt template; {prompt} is the question (the user message under a chat template).")
+    system_prompt: str | None = Field(None, description="Instructions before the question (the system message under a chat template).")
+    few_shot: int | str = Field(0, description="Worked examples before each question: N = the first N training rows (then left out of training), or a file of examples (same fields).")
+    chat_template: Literal["auto", "on", "off"] = Field("auto", description="Render prompts with the tokenizer's chat template: auto = when it has one.")
+    seed: int = Field(0, description="Seed of the task generator / the order of file tasks.")
     levels: list[int] = Field([1], description="Difficulty levels to mix (1: one step, 2: two steps; the bundled model is trained on 1).")
-    eval_size: int = Field(512, ge=1, description="Number of held-out tasks for evaluation.")
+    eval_size: int = Field(512, ge=1, description="Number of held-out tasks for evaluation (the first rows of a file).")
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
 class RolloutConfig(_Section):
@@ -127,10 +139,28 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_preset(cls, data: Any) -> Any:
+        """``tasks.preset`` fills the keys the config leaves unset (offpolicy.data.task_files.PRESETS)."""
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict) or not data["tasks"].get("preset"):
+            return data
+        from offpolicy.data.task_files import preset_defaults
+
+        data = dict(data)
+        for section, defaults in preset_defaults(data["tasks"]["preset"], data["tasks"]).items():
+            given = data.get(section) or {}
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else given
+            data[section] = {**defaults, **given}
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
-        if self.tasks.name == "jsonl" and not self.tasks.train_path:
-            raise ValueError("tasks.name=jsonl needs tasks.train_path")
+        t = self.tasks
+        if t.name != "arithmetic" and not t.train_path:
+            raise ValueError(f"tasks.name={t.name} needs tasks.train_path")
+        if isinstance(t.few_shot, int) and t.few_shot < 0:
+            raise ValueError(f"tasks.few_shot={t.few_shot} must be >= 0 (or a file of examples)")
         if self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: group-relative advantages need at "
                              "least 2 responses per task (a group of one has no baseline)")

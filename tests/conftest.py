@@ -16,3 +16,11 @@ def random_tiny():
     tok = build_tokenizer()
     model = build_model(len(tok), hidden=32, layers=2, heads=2, intermediate=64, seed=1).eval()
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def smoke_model_dir(tmp_path_factory):
+    """The GSM8K smoke model (BPE tokenizer trained on GSM8K, ChatML template, random tiny Qwen2), built once."""
+    from offpolicy.train.smoke import make_smoke_model
+
+    return make_smoke_model(tmp_path_factory.mktemp("smoke") / "model").path

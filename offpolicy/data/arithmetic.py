@@ -35,6 +35,7 @@ class Task:
     answer: str
     level: int = 1
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    has_special_tokens: bool = False  # the prompt was rendered by a chat template: tokenize it as is
 
 
 def _split_of(expr: str) -> str:

@@ -46,24 +46,47 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def task_source(cfg: Config) -> tuple[Iterator, list]:
-    """(endless training-task iterator, held-out tasks) for ``cfg.tasks``; file rows are checked here."""
+def task_source(cfg: Config, tokenizer=None) -> tuple[Iterator, list]:
+    """(endless training-task iterator, held-out tasks) for ``cfg.tasks``, prompts formatted for the model.
+
+    File rows are checked here. ``tokenizer``: the policy's (for its chat template); None = load the one
+    of ``cfg.model.path`` when ``tasks.chat_template`` is not 'off'.
+    """
+    from offpolicy.data import task_files as tf
+
     t = cfg.tasks
-    if t.name == "jsonl":
-        from offpolicy.data.jsonl_tasks import DatasetError, load_jsonl_tasks
+    try:
+        if t.name == "arithmetic":
+            from offpolicy.data import arithmetic
 
-        kw = {"prompt_key": t.prompt_key, "answer_key": t.answer_key, "template": t.template}
-        try:
-            train = load_jsonl_tasks(t.train_path, **kw)
-            held_out = load_jsonl_tasks(t.eval_path or t.train_path, limit=t.eval_size, **kw)
-        except DatasetError as e:
-            raise ConfigError(f"tasks: {e}") from None
-        return _epochs(train, t.seed), held_out
-    from offpolicy.data import arithmetic
+            levels = tuple(t.levels)
+            train = arithmetic.stream(seed=t.seed, levels=levels)
+            held_out = arithmetic.generate("eval", t.eval_size, seed=t.seed, levels=levels)
+            shots = ([] if isinstance(t.few_shot, str) else
+                     arithmetic.generate("train", t.few_shot, seed=t.seed + 1, levels=levels) if t.few_shot else [])
+        else:
+            kind = "hf" if t.name == "hf" else "file"
+            kw = {"kind": kind, "prompt_key": t.prompt_key, "answer_key": t.answer_key, "subset": t.subset}
+            rows = tf.load_rows(t.train_path, split=t.split, **kw)
+            n_shots = 0 if isinstance(t.few_shot, str) else t.few_shot
+            if n_shots >= len(rows):
+                raise tf.DatasetError(f"tasks.few_shot={n_shots} leaves no training rows in {t.train_path}")
+            shots, rows = rows[:n_shots], rows[n_shots:]
+            held_out = tf.load_rows(t.eval_path or t.train_path, split=t.eval_split or t.split, limit=t.eval_size, **kw)
+            train = _epochs(rows, t.seed)
+        if isinstance(t.few_shot, str):
+            shots = tf.load_rows(t.few_shot, prompt_key=t.prompt_key, answer_key=t.answer_key)
+        if t.chat_template != "off" and tokenizer is None:
+            from offpolicy.rollout.model import load_tokenizer, resolve_model_path
 
-    levels = tuple(t.levels)
-    return (arithmetic.stream(seed=t.seed, levels=levels),
-            arithmetic.generate("eval", t.eval_size, seed=t.seed, levels=levels))
+            tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
+        chat = t.chat_template != "off" and tf.use_chat_template(t.chat_template, tokenizer)
+        fmt = tf.PromptFormat(t.template, t.system_prompt, tuple((s.prompt, s.answer) for s in shots),
+                              tokenizer if chat else None)
+        held_out = [fmt.apply(task) for task in held_out]
+    except tf.DatasetError as e:
+        raise ConfigError(f"tasks: {e}") from None
+    return map(fmt.apply, train), held_out
 
 
 def _epochs(tasks: list, seed: int) -> Iterator:

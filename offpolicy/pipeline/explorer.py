@@ -52,7 +52,7 @@ class Explorer:
         self.model = model
         self.tokenizer = tokenizer
         self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-        self.tasks = task_source(cfg)[0]
+        self.tasks = task_source(cfg, tokenizer)[0]
         self.tasks_consumed = 0
         self.reward = GuardedReward(reward_function(cfg), timeout_s=cfg.reward.timeout_s)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -65,7 +65,7 @@ class Explorer:
         return {"tasks_consumed": self.tasks_consumed, "generator": bytes(self.generator.get_state().numpy())}
 
     def load_state_dict(self, state: dict) -> None:
-        self.tasks = task_source(self.cfg)[0]
+        self.tasks = task_source(self.cfg, self.tokenizer)[0]
         for _ in range(state["tasks_consumed"]):
             next(self.tasks)
         self.tasks_consumed = state["tasks_consumed"]

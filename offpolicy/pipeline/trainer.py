@@ -32,7 +32,9 @@ class RunResult:
 
 
 def batch_metrics(exps: list[Experience], trainer_version: int) -> dict:
-    """Reward, accuracy, length and staleness (trainer version - generating version) of a batch."""
+    """Reward, accuracy, length and staleness (trainer version - generating version) of a batch.
+
+    ``reward_scored``: samples whose reward was computed; the rest are counted per kind in ``reward_faults/*``."""
     valid = [e for e in exps if "reward_fault" not in e.info] or exps
     rewards = torch.tensor([e.reward for e in valid])
     faults = Counter(e.info["reward_fault"] for e in exps if "reward_fault" in e.info)
@@ -40,7 +42,7 @@ def batch_metrics(exps: list[Experience], trainer_version: int) -> dict:
     ages = [trainer_version - e.version for e in exps]
     out = {
         "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(valid) > 1 else 0.0,
-        "reward_invalid_frac": sum(faults.values()) / len(exps),
+        "reward_invalid_frac": sum(faults.values()) / len(exps), "reward_scored": len(exps) - sum(faults.values()),
         "accuracy": sum(bool(e.info.get("correct")) for e in exps) / len(exps),
         "response_len": float(lengths.mean()), "response_tokens": int(lengths.sum()), "samples": len(exps),
         "staleness_min": min(ages), "staleness_mean": sum(ages) / len(ages), "staleness_max": max(ages),

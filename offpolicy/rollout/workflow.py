@@ -19,11 +19,18 @@ from offpolicy.rollout.engine import HFEngine
 Scorer = Callable[[Sequence[tuple[str, str]]], list[Scored]]
 
 
+def encode_prompt(tokenizer, task) -> list[int]:
+    """Token ids of ``task.prompt``. A plain prompt gets the tokenizer's special tokens (the bundled model's
+    ``<bos>``); one rendered by a chat template already holds them (e.g. Llama 3's ``<|begin_of_text|>``),
+    so none are added a second time."""
+    return tokenizer(task.prompt, add_special_tokens=not getattr(task, "has_special_tokens", False))["input_ids"]
+
+
 def single_turn(engine: HFEngine, tokenizer, tasks: Sequence, scorer: Scorer, *, group_size: int,
                 max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, version: int = 0,
                 group_tag: str = "", generator: torch.Generator | None = None) -> list[Experience]:
     """One group of ``group_size`` experiences per task; the group id is ``<task_id>@<group_tag>``."""
-    prompts = [tokenizer(t.prompt)["input_ids"] for t in tasks]
+    prompts = [encode_prompt(tokenizer, t) for t in tasks]
     ro = engine.generate(prompts, n=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, generator=generator)
     texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)

@@ -9,6 +9,7 @@ import torch
 
 from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.engine import HFEngine
+from offpolicy.rollout.workflow import encode_prompt
 
 
 def _n_correct(scorer, texts, truths) -> list[bool]:
@@ -30,7 +31,8 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
     """``{"accuracy": greedy accuracy, f"pass@{k}": ...}`` over ``tasks`` (pass@k sampled at ``temperature``).
 
     ``scorer``: a :class:`~offpolicy.rewards.guard.GuardedReward` (time limits); default: ``reward_fn``
-    in-process with its exceptions and bad values counted as wrong answers.
+    in-process with its exceptions and bad values counted as wrong answers. ``batch_size``: sequences
+    generated together (greedy: prompts; pass@k: ``batch_size // k`` prompts x k samples).
     """
     scorer = scorer or GuardedReward(reward_fn, timeout_s=None)
     was_training = model.training
@@ -40,18 +42,21 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
     correct, pass_sum = 0.0, 0.0
     for i in range(0, len(tasks), batch_size):
         chunk = tasks[i : i + batch_size]
-        prompts = [tokenizer(t.prompt)["input_ids"] for t in chunk]
+        prompts = [encode_prompt(tokenizer, t) for t in chunk]
         ro = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
         texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         correct += sum(_n_correct(scorer, texts, [t.answer for t in chunk]))
-        if pass_k:
-            n = max(pass_k, 1)
-            ro = engine.generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 generator=gen)
+        if not pass_k:
+            continue
+        per = max(1, batch_size // pass_k)  # prompts per sampled batch of <= batch_size sequences
+        for j0 in range(0, len(chunk), per):
+            sub = chunk[j0 : j0 + per]
+            ro = engine.generate(prompts[j0 : j0 + per], n=pass_k, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, generator=gen)
             texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-            ok = _n_correct(scorer, texts, [t.answer for t in chunk for _ in range(n)])
-            for j in range(len(chunk)):
-                pass_sum += pass_at_k(n, sum(ok[j * n : (j + 1) * n]), pass_k)
+            ok = _n_correct(scorer, texts, [t.answer for t in sub for _ in range(pass_k)])
+            for j in range(len(sub)):
+                pass_sum += pass_at_k(pass_k, sum(ok[j * pass_k : (j + 1) * pass_k]), pass_k)
     model.train(was_training)
     out = {"accuracy": correct / max(len(tasks), 1)}
     if pass_k:
