@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder (default: the config's tasks)")
     e.add_argument("--k", type=int, help="k of pass@k (default: eval.pass_k; 0: greedy only)")
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks")
-    e.add_argument("--batch-size", type=int, default=64, help="sequences generated together")
+    e.add_argument("--batch-size", type=int, default=512, help="sequences generated together (lower it if "
+                                                             "the GPU runs out of memory)")
     e.add_argument("overrides", nargs="*", help="dotted overrides")
     e.set_defaults(fn=_cmd_eval)
     pt = sub.add_parser("pretrain-tiny", help="build the bundled tiny model (tokenizer + SFT warm start)")

@@ -216,5 +216,5 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     available = ("behav_logp",) + (("ref_logp",) if algo.kl_fn is not None else ())
     needs_old = needs_input(algo.loss_fn, "old_logp", available=available)
-    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, task_source(cfg)[1],
+    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, task_source(cfg, tokenizer)[1],
                       reward_fn, needs_old)
