@@ -23,10 +23,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoraConfig(_Section):
+    r: int = Field(0, ge=0, description="LoRA rank; 0 = off (full fine-tuning). On: only the adapter is trained (PEFT).")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (train mode only; > 0 makes the trainer's log-probs noisy, so the ratio is not 1 at staleness 0).")
+    target_modules: str | list[str] = Field("all-linear", description="Modules that get an adapter: 'all-linear' (every linear layer but the output head), or a list of module-name suffixes such as [q_proj, v_proj].")
+
+
 class ModelConfig(_Section):
-    path: str = Field("bundled", description="HF model folder, or 'bundled' for the tiny arithmetic model in offpolicy/assets.")
-    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the policy.")
+    path: str = Field("bundled", description="HF model folder (any AutoModelForCausalLM), or 'bundled' for the tiny arithmetic model in offpolicy/assets.")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the policy (log-probs in the loss are computed in float32 whatever this is).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (less memory, ~30% more compute; the trainer then runs one full forward per row instead of sharing the prompt).")
+    attn_implementation: str | None = Field(None, description="Attention kernel passed to from_pretrained ('eager', 'sdpa', 'flash_attention_2', ...); None = the transformers default.")
+    lora: LoraConfig = Field(LoraConfig(), description="LoRA adapter (PEFT); off by default.")
 
 
 class TasksConfig(_Section):

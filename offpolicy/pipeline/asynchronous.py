@@ -40,13 +40,13 @@ def _explorer_main(cfg_json: str, run_dir: str, channel: WeightChannel, buffer, 
 
     import torch
 
-    from offpolicy.rollout.model import load_policy
+    from offpolicy.rollout.model import policy_from_config
 
     explorer = None
     try:
         cfg = Config.model_validate_json(cfg_json)
         torch.set_num_threads(cfg.pipeline.explorer_threads)
-        model, tokenizer = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
+        model, tokenizer = policy_from_config(cfg.model, training=False)  # the trainer's structure (LoRA too)
         explorer = Explorer(cfg, model, tokenizer, run_dir=Path(run_dir))
         if start["explorer"] is not None:
             explorer.load_state_dict(start["explorer"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -162,7 +161,7 @@ class RunContext:
     optimizer: torch.optim.Optimizer
     scheduler: object
     algo: object
-    ref_model: torch.nn.Module | None
+    ref_model: object | None  # callable like the policy (a frozen copy, or the LoRA policy with its adapter off)
     eval_tasks: list
     reward_fn: Callable[[str, str], float]
     needs_old: bool
@@ -195,18 +194,18 @@ def bind_algorithm(cfg: Config):
 
 def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> RunContext:
     """Validate the algorithm first (cheap), then load the model and build the optimiser."""
-    from offpolicy.rollout.model import load_policy
+    from offpolicy.rollout.model import policy_from_config, reference_policy
     from offpolicy.train.step import needs_input
 
     torch.set_num_threads(cfg.train.threads)
     algo = bind_algorithm(cfg)
     reward_fn = reward_function(cfg)
     seed_everything(cfg.train.seed)
-    model, tokenizer = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
-    ref_model = None
-    if algo.kl_fn is not None:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+    model, tokenizer = policy_from_config(cfg.model)
+    # the initial policy: under LoRA the same model with its adapter off, else a frozen copy
+    ref_model = reference_policy(model) if algo.kl_fn is not None else None
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all, or the LoRA adapter only
+    opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
     if resume:

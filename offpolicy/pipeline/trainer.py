@@ -17,6 +17,7 @@ import torch
 from offpolicy.data.experience import Experience, collate
 from offpolicy.pipeline.context import RunContext
 from offpolicy.rewards.guard import GuardedReward
+from offpolicy.rollout.model import save_policy
 from offpolicy.train.evaluate import evaluate
 from offpolicy.train.metrics import MetricsWriter
 from offpolicy.train.step import train_step
@@ -133,9 +134,8 @@ class TrainLoop:
             return RunResult(self.ctx.run_dir, self.eval_before, r["eval_after"], self.cfg.train.steps,
                              time.perf_counter() - self.start)
         after = self.evaluate(self.cfg.train.steps)
-        if self.cfg.run.save_final:
-            self.ctx.model.save_pretrained(self.ctx.run_dir / "final", safe_serialization=True)
-            self.ctx.tokenizer.save_pretrained(self.ctx.run_dir / "final")
+        if self.cfg.run.save_final:  # a plain HF folder; under LoRA merged, with the adapter in final/adapter
+            save_policy(self.ctx.model, self.ctx.tokenizer, self.ctx.run_dir / "final")
         return RunResult(self.ctx.run_dir, self.eval_before, after, self.cfg.train.steps,
                          time.perf_counter() - self.start)
 

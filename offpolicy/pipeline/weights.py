@@ -1,10 +1,12 @@
 """Publishing trainer weights to the explorer process through shared memory, with versions.
 
-One slot of shared-memory tensors (a copy of the policy's state dict) plus two counters: the
-version in the slot and the last version the explorer loaded. The trainer overwrites the slot
-only after the explorer has loaded what was there, so the explorer always gets exactly the version
-its schedule asks for (no race that would make staleness depend on timing). Publishing is one
-in-memory copy of the parameters (~2 MB for the bundled model) and its time is logged.
+One slot of shared-memory tensors (a copy of the policy's trainable state: the whole state dict, or
+under LoRA the adapter alone, the explorer holding the same frozen base and PEFT wrapper) plus two
+counters: the version in the slot and the last version the explorer loaded. The trainer overwrites
+the slot only after the explorer has loaded what was there, so the explorer always gets exactly the
+version its schedule asks for (no race that would make staleness depend on timing). Publishing is
+one in-memory copy of those tensors (~2 MB for the bundled model; a LoRA adapter is a fraction of
+that) and its time is logged.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import time
 
 import torch
 
+from offpolicy.rollout.model import load_trainable_state, trainable_state
+
 
 class WeightChannel:
     """Created by the trainer before the explorer process starts; pickled into it (spawn)."""
 
     def __init__(self, model: torch.nn.Module, mp_context):
-        self.tensors = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in model.state_dict().items()}
+        self.tensors = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in trainable_state(model).items()}
         self._published = mp_context.Value("q", -1, lock=False)
         self._loaded = mp_context.Value("q", -1, lock=False)
         self._cond = mp_context.Condition()
@@ -38,7 +42,7 @@ class WeightChannel:
                 raise TimeoutError(f"explorer did not load weight version {after_loaded} within {timeout:.0f} s")
             t1 = time.perf_counter()
             with torch.no_grad():
-                for k, v in model.state_dict().items():
+                for k, v in trainable_state(model).items():
                     self.tensors[k].copy_(v.detach())
             self._published.value = version
             self._cond.notify_all()
@@ -66,7 +70,7 @@ class WeightChannel:
                 raise RuntimeError(f"weight slot holds version {self._published.value}, expected {version}")
             t1 = time.perf_counter()
             with torch.no_grad():
-                model.load_state_dict(self.tensors)
+                load_trainable_state(model, self.tensors)
             self._loaded.value = version
             self._cond.notify_all()
         return t1 - t0, time.perf_counter() - t1

@@ -47,7 +47,10 @@ def _top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _cache_keyword(model) -> str:
-    """transformers >= 5.2x names the KV cache ``cache``; older releases ``past_key_values``."""
+    """transformers >= 5.2x names the KV cache ``cache``; older releases ``past_key_values``. A PEFT wrapper
+    takes ``**kwargs`` and passes them on, so the wrapped model's signature decides."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

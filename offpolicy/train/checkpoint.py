@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` holding:
 
-- ``model.safetensors``: the policy weights (shared tensors handled by safetensors);
+- ``model.safetensors``: the policy weights (shared tensors handled by safetensors), or under LoRA
+  ``adapter.safetensors``: the adapter alone (the frozen base is reloaded from ``model.path`` on resume);
 - ``trainer.pt``: optimiser and LR-schedule state, the RNG states (python, torch, the explorer's
   sampling generator), loaded back with ``torch.load(weights_only=True)`` (no arbitrary pickle);
 - ``state.json``: step / policy version, the sample strategy's state, the explorer's progress (next
@@ -45,13 +46,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, state: dict,
                     generators: dict[str, torch.Generator], keep: int = 2) -> Path:
     """Write the checkpoint of ``step`` atomically (temp folder + rename) and prune to the newest ``keep``."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
+
+    from offpolicy.rollout.model import is_lora, trainable_state
 
     final = _step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))
+    if is_lora(model):
+        save_file({k: v.detach().contiguous() for k, v in trainable_state(model).items()},
+                  str(tmp / "adapter.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     torch.save({
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -70,10 +77,19 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
 
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, generators: dict[str, torch.Generator]) -> dict:
     """Restore everything :func:`save_checkpoint` wrote into the given objects; returns ``state.json``."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
+
+    from offpolicy.rollout.model import is_lora, load_trainable_state
 
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"))
+    saved_lora = (path / "adapter.safetensors").is_file()
+    if saved_lora != is_lora(model):
+        raise ValueError(f"{path} was written {'with' if saved_lora else 'without'} a LoRA adapter, the model "
+                         f"is built {'with' if is_lora(model) else 'without'} one; resume with the run's model.lora")
+    if saved_lora:
+        load_trainable_state(model, load_file(str(path / "adapter.safetensors"), device=str(_device(model))))
+    else:
+        load_model(model, str(path / "model.safetensors"), device=str(_device(model)))
     blob = torch.load(path / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
@@ -83,6 +99,10 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, generators
     for k, g in generators.items():
         g.set_state(blob["generators"][k])
     return json.loads((path / "state.json").read_text())
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _as_tuple(x):

@@ -53,7 +53,8 @@ class Algorithm:
 
 def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False,
                   share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, T) of the response tokens under ``model`` (and the entropy if asked).
+    """Log-probs (B, T) of the response tokens under ``model`` (and the entropy if asked), in float32
+    whatever the model's dtype (the log-softmax of bf16 logits would lose the ratio's precision).
 
     Logits are divided by the sampling temperature so that they match ``behav_logp``. With
     ``share_prefix`` and rows that repeat a prompt (the K responses of a group), each distinct
@@ -65,13 +66,17 @@ def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy
     seg_B = torch.cat([torch.zeros(1, dtype=torch.long, device=prompts_BP.device),
                        (prompts_BP[1:] != prompts_BP[:-1]).any(-1).long()]).cumsum(0)
     n_prompts = int(seg_B[-1]) + 1
-    if share_prefix and n_prompts < len(batch) and hasattr(_cache_type(), "batch_select_indices"):
+    # under gradient checkpointing transformers drops the KV cache of a forward that will be replayed
+    checkpointed = model.training and torch.is_grad_enabled() and any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if (share_prefix and n_prompts < len(batch) and not checkpointed
+            and hasattr(_cache_type(), "batch_select_indices")):
         logits_BTV = _shared_prefix_logits(model, batch, seg_B)
     else:
         ids, attn = batch.input_ids_BL, batch.attn_BL
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         T = ids.shape[1] - batch.prompt_len
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
         logits_BTV = logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + T]
     logits_BTV = logits_BTV.float()
     if temperature != 1.0:
@@ -105,6 +110,13 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     resp = model(input_ids=batch.response_ids_BT, attention_mask=batch.attn_BL, position_ids=pos_BT.clamp(min=0),
                  use_cache=True, **{kw: cache})
     return torch.cat([out.logits[:, -1:][seg_B], resp.logits[:, :-1]], dim=1)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    from dataclasses import fields, replace
+
+    return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
+                             if torch.is_tensor(getattr(batch, f.name))})
 
 
 def _stat(x) -> float:
@@ -186,6 +198,9 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
     weights and optimiser state untouched) and counted in ``skipped_steps``.
     """
     model.train()
+    device = next(model.parameters()).device
+    if batch.input_ids_BL.device != device:
+        batch = _to_device(batch, device)
     adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
     reused = updates_per_batch * mini_batches > 1
     with torch.no_grad():

@@ -1,0 +1,115 @@
+"""Any causal-LM folder as the policy: other architectures through the normal entry point, dtype, device,
+gradient checkpointing, attention implementation, and the model section of the config."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from offpolicy.config import ConfigError, load_config
+from offpolicy.data.experience import Experience, collate
+from offpolicy.pipeline import run
+from offpolicy.rollout.engine import HFEngine
+from offpolicy.rollout.model import load_policy, policy_from_config
+from offpolicy.train.metrics import read_metrics
+from offpolicy.train.step import Algorithm, response_logp, train_step
+
+
+
+def _experiences(ro, prompts):
+    return [Experience(prompt_ids=torch.tensor(prompts[p]), response_ids=r, response_mask=torch.ones(len(r)),
+                       behav_logp=lp, reward=0.0, group_id=str(p), task_id=str(p))
+            for p, r, lp in zip(ro.prompt_index, ro.response_ids, ro.behav_logp)]
+
+SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "tasks.eval_size=8", "eval.every=0",
+         "run.progress=false", "run.tensorboard=false", "train.threads=1", "reward.timeout_s=null",
+         "checkpoint.every=0"]
+
+
+@pytest.mark.parametrize("arch, extra", [("qwen2", ["model.attn_implementation=eager"]),
+                                         ("llama", ["model.gradient_checkpointing=true"])])
+def test_random_model_folder_trains_through_run(tmp_path, model_folder, arch, extra):
+    folder = model_folder(arch)
+    cfg = load_config(None, [*SMALL, "train.steps=2", f"model.path={folder}", f"run.dir={tmp_path / 'run'}", *extra])
+    run(cfg, log=lambda *a: None)
+    rows = read_metrics(tmp_path / "run", "train")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["samples"] == 16 and r["skipped_steps"] == 0 for r in rows)
+    model, tok = load_policy(str(tmp_path / "run" / "final"))  # the saved folder keeps the architecture
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["model_type"] == arch
+    assert type(model).__name__ == {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
+    assert tok.decode(tok("37+48=")["input_ids"], skip_special_tokens=True) == "37+48="
+
+
+def _batch(model, tok, *, seed=0, n=4):
+    """A sampled batch with random 0/1 rewards, so that advantages (and gradients) are not zero."""
+    prompts = [tok(p)["input_ids"] for p in ["12+7=", "45+61=", "3+3="]]
+    engine = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    ro = engine.generate(prompts, n=n, max_new_tokens=5, generator=torch.Generator().manual_seed(seed))
+    exps = _experiences(ro, prompts)
+    g = torch.Generator().manual_seed(seed)
+    for e in exps:
+        e.reward = float(torch.randint(0, 2, (1,), generator=g))
+    return collate(exps, tok.pad_token_id)
+
+
+def _grpo():
+    return Algorithm.from_config(load_config().algorithm, max_len=5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(random_tiny):
+    base, tok = random_tiny
+    batch = _batch(base, tok)
+    results = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            assert sum(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()) >= 2
+        stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), copy.deepcopy(batch), _grpo(),
+                           grad_clip=1e9)
+        results.append((stats["loss"], [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a != 0.0
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_policy_on_cpu_steps_with_float32_logprobs():
+    cfg = load_config(None, ["model.dtype=bfloat16"])
+    model, tok = policy_from_config(cfg.model)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    batch = _batch(model, tok)
+    assert batch.behav_logp_BT.dtype == torch.float32  # the engine records float32 log-probs
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, _grpo())
+    assert stats["skipped_steps"] == 0 and stats["loss"] == stats["loss"]  # finite, not NaN
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with torch.no_grad():
+        logp, ent = response_logp(model, batch, with_entropy=True)
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert torch.isfinite(logp).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.device=cuda: CUDA is not available"):
+        load_policy("bundled", device="cuda")
+
+
+def test_model_section_is_validated():
+    with pytest.raises(ConfigError, match="did you mean 'model.lora.alpha'"):
+        load_config(None, ["model.lora.alpah=8"])
+    with pytest.raises(ConfigError, match="model.device"):
+        load_config(None, ["model.device=gpu"])
+    with pytest.raises(ConfigError, match="did you mean 'model.gradient_checkpointing'"):
+        load_config(None, ["model.gradient_checkpoint=true"])
+    cfg = load_config(None, ["model.lora.r=4", "model.lora.target_modules=[q_proj, v_proj]", "model.device=cuda:1"])
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"] and cfg.model.device == "cuda:1"
+
+
+def test_unknown_attention_implementation_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.path: cannot load"):
+        load_policy("bundled", attn_implementation="no_such_kernel")
