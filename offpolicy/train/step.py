@@ -76,8 +76,10 @@ def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy
         ids, attn = batch.input_ids_BL, batch.attn_BL
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         T = ids.shape[1] - batch.prompt_len
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).logits
-        logits_BTV = logits[:, batch.prompt_len - 1 : batch.prompt_len - 1 + T]
+        # only the T + 1 last positions reach the output head (the prompt's logits are never read)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                       logits_to_keep=T + 1).logits
+        logits_BTV = logits[:, :T]
     logits_BTV = logits_BTV.float()
     if temperature != 1.0:
         logits_BTV = logits_BTV / temperature
@@ -102,7 +104,8 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     pos_GP = (attn_GP.cumsum(-1) - 1).clamp(min=0)
     cache = _cache_type()(config=model.config)
     kw = _cache_keyword(model)
-    out = model(input_ids=ids_GP, attention_mask=attn_GP, position_ids=pos_GP, use_cache=True, **{kw: cache})
+    out = model(input_ids=ids_GP, attention_mask=attn_GP, position_ids=pos_GP, use_cache=True, logits_to_keep=1,
+                **{kw: cache})
     cache = getattr(out, kw)
     cache.batch_select_indices(seg_B)  # (G, ...) -> (B, ...) by indexing: differentiable, memory is shared
     attn_BT = batch.attn_BL[:, P:]
