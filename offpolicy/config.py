@@ -79,6 +79,7 @@ class AlgorithmConfig(_Section):
     kl_coef: float | None = Field(None, ge=0, description="KL-to-reference coefficient (reference = initial policy); None = the preset's; 0 = off, no reference forward.")
     kl_estimator: str | None = Field(None, description="KL estimator (offpolicy.algos.KL_ESTIMATORS); None = the preset's.")
     entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
+    extra_params: dict[str, Any] = Field({}, description="Overrides of the preset's extra settings (e.g. ReMix's reincarnation_step, kl_convex_schedule; see docs/algorithms.md).")
 
 
 class TrainConfig(_Section):
@@ -109,6 +110,8 @@ class PipelineConfig(_Section):
 class BufferConfig(_Section):
     kind: Literal["memory", "sqlite"] | None = Field(None, description="None: SQLite file <run_dir>/buffer.db in async mode, in-memory in sync mode.")
     capacity: int | None = Field(None, ge=1, description="Maximum rows; the oldest groups are evicted first.")
+    strategy: str | None = Field(None, description="Sample strategy (fifo, staleness, priority, mix, expert_mix); None: the preset's (remix: mix), else fifo in sync mode and staleness in async mode.")
+    strategy_params: dict[str, Any] = Field({}, description="Parameters of the sample strategy (e.g. mix: p, window).")
 
 
 class RewardConfig(_Section):

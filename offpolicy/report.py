@@ -45,7 +45,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     curves = RunCurves(label or run_label(cfg), cfg["train"]["seed"])
     cum_rollouts, cum_s, by_step = 0, 0.0, {}
     for r in train:
-        cum_rollouts += r.get("samples", 0)
+        cum_rollouts += r.get("fresh_samples", r.get("samples", 0))
         cum_s += r.get("step_s", 0.0)
         by_step[r["step"]] = (cum_rollouts, cum_s)
         curves.train_steps.append(r["step"])

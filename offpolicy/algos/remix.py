@@ -33,7 +33,7 @@ def mix_ppg(logp_BT: Tensor, inputs: LossInputs, *, eps: float = 0.2, dual_clip:
     behav_BT = require(inputs, "behav_logp", "mix_ppg")
     center_BT = inputs.center_logp if inputs.center_logp is not None else inputs.old_logp
     if center_BT is None:
-        raise ValueError("policy loss 'mix_ppg' needs LossInputs.center_logp (or old_logp, the policy pi_k "
+        raise ValueError("policy loss 'mix_ppg' needs LossInputs.center_logp or LossInputs.old_logp (the policy pi_k "
                          "that centres the clip window), both are None")
     center_lr_BT = log_ratio(center_BT.detach(), behav_BT, m_BT)
     lr_BT = log_ratio(logp_BT, behav_BT, m_BT)

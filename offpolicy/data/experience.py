@@ -50,7 +50,7 @@ class Experience:
     eid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensor fields that are set, for safetensors serialisation."""
+        """The tensor fields that are set (1-D, contiguous)."""
         return {k: getattr(self, k).contiguous() for k in _TENSOR_FIELDS if getattr(self, k) is not None}
 
     def meta(self) -> dict[str, Any]:
@@ -58,16 +58,24 @@ class Experience:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TENSOR_FIELDS}
 
     def to_bytes(self) -> tuple[bytes, str]:
-        """(safetensors blob, JSON metadata) — no pickle anywhere."""
-        from safetensors.torch import save
-
-        return save(self.tensors()), json.dumps(self.meta())
+        """(blob, JSON metadata) — no pickle anywhere. The blob is the tensors' raw little-endian bytes
+        back to back; the metadata names each one's dtype and length (``_layout``). Plain arrays rather
+        than a safetensors file per row: the per-call overhead of the latter dominated ``put``."""
+        tensors = self.tensors()
+        layout = [[k, str(t.dtype).removeprefix("torch."), t.numel()] for k, t in tensors.items()]
+        blob = b"".join(t.cpu().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+        return blob, json.dumps({**self.meta(), "_layout": layout})
 
     @classmethod
     def from_bytes(cls, blob: bytes, meta_json: str) -> "Experience":
-        from safetensors.torch import load
-
-        return cls(**load(blob), **json.loads(meta_json))
+        meta = json.loads(meta_json)
+        buf = bytearray(blob)  # one writable copy per row; its tensors are disjoint views of it
+        tensors, offset = {}, 0
+        for name, dtype, n in meta.pop("_layout"):
+            dt = getattr(torch, dtype)
+            tensors[name] = torch.frombuffer(buf, dtype=dt, count=n, offset=offset) if n else torch.empty(0, dtype=dt)
+            offset += n * dt.itemsize
+        return cls(**tensors, **meta)
 
 
 @dataclass
@@ -88,6 +96,7 @@ class Batch:
     prompt_len: int
     old_logp_BT: torch.Tensor | None = None
     ref_logp_BT: torch.Tensor | None = None
+    prev_logp_BT: torch.Tensor | None = None  # ReMix KL-Convex: the previous policy pi_{k-1}
 
     @property
     def response_ids_BT(self) -> torch.Tensor:
@@ -102,7 +111,7 @@ class Batch:
         return Batch(
             self.input_ids_BL[idx], self.attn_BL[idx], self.mask_BT[idx], self.behav_logp_BT[idx],
             self.rewards_B[idx], self.group_ids_B[idx], self.versions_B[idx], self.prompt_len,
-            pick(self.old_logp_BT), pick(self.ref_logp_BT),
+            pick(self.old_logp_BT), pick(self.ref_logp_BT), pick(self.prev_logp_BT),
         )
 
 

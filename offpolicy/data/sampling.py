@@ -225,7 +225,8 @@ class Mix(Strategy):
     The replay share is the number of whole groups closest to ``p * n``; while the history holds fewer
     rows (early steps) fresh groups fill the gap. If fresh groups cannot fill the rest, nothing is
     returned (the trainer waits for the explorer rather than over-replaying). Groups stay in the buffer
-    after use and are deleted once their version falls out of the window.
+    after use and are deleted once their version falls out of the window, or at once when ``p == 0``
+    (after :meth:`reincarnate`: the historical store is dropped).
     """
 
     def __init__(self, *, p: float = 0.5, window: int = 2, seed: int = 0):
@@ -239,7 +240,7 @@ class Mix(Strategy):
     def _select(self, groups, n, now_version):
         low = now_version - self.window
         policy = policy_groups(groups)
-        expired = keys(g for g in policy if g.version < low)
+        expired = keys(g for g in policy if g.version < low or (self.p == 0 and g.use_count > 0))
         live = [g for g in policy if g.version >= low]
         history = [g for g in live if g.use_count > 0 and g.version < now_version]
         fresh = sorted((g for g in live if g.use_count == 0), key=lambda g: -g.version)  # stable: old first
@@ -248,6 +249,28 @@ class Mix(Strategy):
         if rest is None:
             return Selection(remove=expired)
         return Selection(take=keys(replay + rest), remove=expired, replayed=keys(replay))
+
+    def replay_groups(self, n_groups: int, group_size: int, history_rows: int | None = None) -> int:
+        """Groups the next ``select`` replays for a batch of ``n_groups`` groups of ``group_size`` rows
+        (when the history holds ``history_rows``), so the explorer can generate just the fresh rest."""
+        target, limit = round(self.p * n_groups * group_size), n_groups * group_size
+        if history_rows is not None:
+            limit = min(limit, history_rows)
+        g = 0
+        while (g + 1) * group_size <= limit and abs((g + 1) * group_size - target) < abs(g * group_size - target):
+            g += 1
+        return g
+
+    def reincarnate(self) -> None:
+        """ReMix policy reincarnation: replay nothing from now on and drop the history at the next select."""
+        self.p = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "p": self.p}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.p = state.get("p", self.p)
 
 
 class ExpertMix(Strategy):

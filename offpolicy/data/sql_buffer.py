@@ -2,7 +2,7 @@
 (the same tables behind an SQLAlchemy URL, e.g. PostgreSQL; sqlalchemy is optional and imported lazily).
 
 Tables: ``experiences`` (one row per experience: metadata columns the strategies read, the JSON metadata
-and the safetensors blob from :meth:`Experience.to_bytes`; no pickle), ``retired`` (eid, version,
+and the raw-array blob from :meth:`Experience.to_bytes`; no pickle), ``retired`` (eid, version,
 use_count and fate of every row that left: the consumption log) and ``counters``.
 
 Concurrency: every ``put`` and ``sample`` is one short write transaction that takes the database's write

@@ -20,9 +20,9 @@ import torch
 import torch.multiprocessing as mp
 
 from offpolicy.config import Config
-from offpolicy.data.sampling import make_strategy
 from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
 from offpolicy.pipeline.explorer import Explorer, weights_version
+from offpolicy.pipeline.replay import apply_preset_defaults, sample_strategy
 from offpolicy.pipeline.resume import RunStopped, StopRequest, checkpoint_run, restore_run
 from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
 from offpolicy.pipeline.weights import WeightChannel
@@ -120,7 +120,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     log(describe_logprobs(ctx))
     p = cfg.pipeline
     buffer = open_run_buffer(cfg, ctx.run_dir)
-    strategy = make_strategy("staleness", max_staleness=cfg.staleness_bound)
+    strategy = sample_strategy(cfg)
     state, gens = None, {"explorer": torch.Generator()}
     start = {"batch": 0, "explorer": None}
     if resume:

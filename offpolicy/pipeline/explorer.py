@@ -71,11 +71,12 @@ class Explorer:
         self.tasks_consumed = state["tasks_consumed"]
         self.generator.set_state(as_generator_state(state["generator"]))
 
-    def explore(self, batch_index: int, version: int) -> tuple[list[Experience], float]:
-        """(experiences of batch ``batch_index``, generation seconds)."""
+    def explore(self, batch_index: int, version: int, prompts: int | None = None) -> tuple[list[Experience], float]:
+        """(experiences of batch ``batch_index``, generation seconds); ``prompts`` tasks (default
+        ``rollout.prompts_per_step``)."""
         r = self.cfg.rollout
         t0 = time.perf_counter()
-        tasks = [next(self.tasks) for _ in range(r.prompts_per_step)]
+        tasks = [next(self.tasks) for _ in range(r.prompts_per_step if prompts is None else prompts)]
         self.tasks_consumed += len(tasks)
         was_training = self.model.training
         self.model.eval()

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from offpolicy.config import Config
-from offpolicy.data.sampling import make_strategy
 from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
 from offpolicy.pipeline.explorer import Explorer, RewardFaultError
+from offpolicy.pipeline.replay import Reincarnation, apply_preset_defaults, fresh_prompts, sample_strategy
 from offpolicy.pipeline.resume import RunStopped, StopRequest, checkpoint_run, restore_run
 from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
 
@@ -24,16 +24,19 @@ from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
 def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,
              log=print) -> RunResult:
     """Train up to ``cfg.train.steps`` steps, evaluating at the start, every ``cfg.eval.every`` steps and at the end."""
+    cfg = apply_preset_defaults(cfg)
     ctx = build_context(cfg, run_dir, resume=resume)
     log(f"run directory: {ctx.run_dir}")
     log(describe_logprobs(ctx))
     explorer = Explorer(cfg, ctx.model, ctx.tokenizer, run_dir=ctx.run_dir)
     buffer = open_run_buffer(cfg, ctx.run_dir)
-    strategy = make_strategy("fifo")
+    strategy = sample_strategy(cfg)
+    reincarnation = Reincarnation(ctx, ctx.algo.extra.get("reincarnation_step"))
     state = None
     if resume:
         state = restore_run(ctx, strategy=strategy, buffer=buffer, generators={"explorer": explorer.generator})
         explorer.load_state_dict(state["explorer"])
+        reincarnation.restore(state["step"])
         log(f"resuming from step {state['step']} ({state['path']})")
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     loop = TrainLoop(ctx, progress=progress, resumed=state)
@@ -48,7 +51,8 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
                 t0 = time.perf_counter()
                 before = explorer.state_dict()
                 try:
-                    exps, gen_s = explorer.explore(step - 1, version=step - 1)
+                    exps, gen_s = explorer.explore(step - 1, version=step - 1,
+                                                   prompts=fresh_prompts(cfg, strategy, buffer, step - 1))
                 except RewardFaultError:
                     save(step - 1, before)
                     raise
@@ -56,6 +60,8 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
                 exps = buffer.sample(rows, strategy, now_version=step - 1)
                 buffer_s = time.perf_counter() - t0 - gen_s
                 record = loop.train(exps, step)
+                if reincarnation.after_step(step, strategy):
+                    record["reincarnated"] = 1
                 try:
                     loop.log(record, {"gen_s": gen_s, "buffer_s": buffer_s, "step_s": time.perf_counter() - t0})
                 except NumericalFaultError:

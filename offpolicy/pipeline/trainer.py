@@ -48,6 +48,7 @@ def batch_metrics(exps: list[Experience], trainer_version: int) -> dict:
         "response_len": float(lengths.mean()), "response_tokens": int(lengths.sum()), "samples": len(exps),
         "staleness_min": min(ages), "staleness_mean": sum(ages) / len(ages), "staleness_max": max(ages),
         "replayed_frac": sum(e.replayed for e in exps) / len(exps),
+        "fresh_samples": sum(not e.replayed for e in exps),  # rollouts generated for this step
     }
     out.update({f"staleness_count/{age}": n for age, n in sorted(Counter(ages).items())})
     out.update({f"reward_faults/{kind}": n for kind, n in sorted(faults.items())})
@@ -73,6 +74,12 @@ class TrainLoop:
         self.consecutive_skips = 0
         self.resumed = resumed
         self.scorer = GuardedReward(ctx.reward_fn, timeout_s=self.cfg.reward.timeout_s)
+        # ReMix KL-Convex: pi_{k-1}, kept one step behind the policy (see train_step)
+        self.prev_model = None
+        if ctx.algo.kl_convex is not None and ctx.algo.kl_fn is not None:
+            import copy
+
+            self.prev_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
         if resumed:
             self.eval_before, self.last_eval = resumed["eval_before"], resumed["last_eval"]
         else:
@@ -93,11 +100,16 @@ class TrainLoop:
         c = self.cfg
         t0 = time.perf_counter()
         batch = collate(exps, self.ctx.tokenizer.pad_token_id)
+        start = None  # pi_k, which becomes pi_{k-1} for the next step
+        if self.prev_model is not None:
+            start = {k: v.detach().clone() for k, v in self.ctx.model.state_dict().items()}
         stats = train_step(self.ctx.model, self.ctx.optimizer, batch, self.ctx.algo, grad_clip=c.train.grad_clip,
                            micro_batches=c.train.micro_batches, mini_batches=c.train.mini_batches,
                            updates_per_batch=c.train.updates_per_batch, temperature=c.rollout.temperature,
                            ref_model=self.ctx.ref_model, scheduler=self.ctx.scheduler,
-                           needs_old=self.ctx.needs_old)
+                           needs_old=self.ctx.needs_old, step=step, prev_model=self.prev_model)
+        if start is not None:
+            self.prev_model.load_state_dict(start)
         return {"kind": "train", "step": step, "version": step - 1, **batch_metrics(exps, step - 1),
                 **stats, "train_s": time.perf_counter() - t0}
 

@@ -25,6 +25,14 @@ class Algorithm:
     kl_fn: Callable | None = None
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
+    kl_convex: dict | None = None  # ReMix KL-Convex lambda schedule (kl_convex_lambda's parameters), or None
+    extra: dict | None = None  # the preset's extra settings with the config's overrides
+
+    def kl_lambda(self, step: int) -> float:
+        """Weight of KL(pi || base) at trainer step ``step``: 1 without KL-Convex (plain KL to the reference)."""
+        from offpolicy.algos import kl_convex_lambda
+
+        return kl_convex_lambda(step, **self.kl_convex) if self.kl_convex is not None else 1.0
 
     @classmethod
     def from_config(cls, algo_cfg, *, max_len: int | None = None) -> "Algorithm":
@@ -48,7 +56,23 @@ class Algorithm:
                                                  algo_cfg.loss_params, agg_params)
         kl_coef = preset.kl_coef if algo_cfg.kl_coef is None else algo_cfg.kl_coef
         kl_fn = bind("kl", algo_cfg.kl_estimator or preset.kl_estimator) if kl_coef > 0 else None
-        return cls(adv_fn, loss_fn, agg_fn, kl_fn, kl_coef, algo_cfg.entropy_coef)
+        extra = preset_extra(preset, algo_cfg)
+        convex = extra.get("kl_convex_schedule") if extra.get("kl_convex") and kl_fn is not None else None
+        return cls(adv_fn, loss_fn, agg_fn, kl_fn, kl_coef, algo_cfg.entropy_coef, convex, extra)
+
+
+def preset_extra(preset, algo_cfg) -> dict:
+    """The preset's extra settings with ``algorithm.extra_params`` merged in; unknown names are errors."""
+    import difflib
+
+    base = dict(preset.extra or {})
+    for key in algo_cfg.extra_params:
+        if key not in base:
+            close = difflib.get_close_matches(key, list(base), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"algorithm.extra_params: preset {algo_cfg.preset!r} has no extra setting "
+                             f"{key!r}{hint}; its settings: {sorted(base) or 'none'}")
+    return {**base, **algo_cfg.extra_params}
 
 
 def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False,
@@ -143,7 +167,7 @@ def needs_input(loss_fn: Callable, field: str, *, available: tuple[str, ...] = (
 
 
 def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: Algorithm, *, grad_clip: float,
-                    micro_batches: int, temperature: float, sums: dict[str, float]) -> None:
+                    micro_batches: int, temperature: float, sums: dict[str, float], kl_lambda: float = 1.0) -> None:
     """Accumulate gradients over micro-batches (normalised by this mini-batch's totals), then step."""
     n_tokens = batch.mask_BT.sum().clamp(min=1)
     n_seqs = len(batch)
@@ -161,8 +185,10 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: A
                                                 behav_logp=mb.behav_logp_BT, ref_logp=mb.ref_logp_BT))
         loss = algo.agg_fn(out.loss_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
         if algo.kl_fn is not None:
-            kl = algo.agg_fn(algo.kl_fn(logp_BT, mb.ref_logp_BT) * mb.mask_BT, mb.mask_BT,
-                             num_tokens=n_tokens, num_seqs=n_seqs)
+            kl_BT = algo.kl_fn(logp_BT, mb.ref_logp_BT)
+            if mb.prev_logp_BT is not None:  # KL-Convex: lambda KL(pi||base) + (1 - lambda) KL(pi||pi_{k-1})
+                kl_BT = kl_lambda * kl_BT + (1.0 - kl_lambda) * algo.kl_fn(logp_BT, mb.prev_logp_BT)
+            kl = algo.agg_fn(kl_BT * mb.mask_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
             loss = loss + algo.kl_coef * kl
             add("kl_ref", kl)
         ent = algo.agg_fn(entropy_BT * mb.mask_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
@@ -189,14 +215,16 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: A
 def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: float = 1.0,
                micro_batches: int = 1, mini_batches: int = 1, updates_per_batch: int = 1,
                temperature: float = 1.0, ref_model=None, scheduler=None,
-               needs_old: bool = True) -> dict[str, float]:
+               needs_old: bool = True, step: int = 0, prev_model=None) -> dict[str, float]:
     """Train on one batch: ``updates_per_batch`` passes, each of ``mini_batches`` optimiser steps.
 
     Advantages are computed once per batch. ``old_logp`` (the proximal policy) is recomputed at the
     start, with one no-grad forward, only when the batch is reused (several optimiser steps) and the
     loss reads it (``needs_old``, see :func:`needs_input`); with a single optimiser step the detached
     current log-probs are exact, because the weights do not change before that step. ``ref_logp`` is
-    computed only when the algorithm has a KL term. Statistics are means over the optimiser steps.
+    computed only when the algorithm has a KL term. With ReMix's KL-Convex (``algo.kl_convex``) and
+    lambda(step) < 1, ``prev_model`` (the previous step's policy pi_{k-1}) gives the second KL term;
+    the caller keeps it one step behind. Statistics are means over the optimiser steps.
     An optimiser step whose loss or gradient norm is not finite is skipped (gradients dropped,
     weights and optimiser state untouched) and counted in ``skipped_steps``.
     """
@@ -209,6 +237,9 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
     with torch.no_grad():
         if algo.kl_fn is not None and batch.ref_logp_BT is None:
             batch.ref_logp_BT, _ = response_logp(ref_model, batch, temperature=temperature)
+        kl_lambda = algo.kl_lambda(step)
+        if kl_lambda < 1.0 and algo.kl_fn is not None and prev_model is not None and batch.prev_logp_BT is None:
+            batch.prev_logp_BT, _ = response_logp(prev_model, batch, temperature=temperature)
         if reused and needs_old and batch.old_logp_BT is None:
             batch.old_logp_BT, _ = response_logp(model, batch, temperature=temperature)
     sums: dict[str, float] = {}
@@ -216,7 +247,8 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
     for _ in range(updates_per_batch):
         for rows in torch.arange(len(batch)).tensor_split(mini_batches):
             _optimizer_step(model, optimizer, batch.select(rows), adv_B[rows], algo, grad_clip=grad_clip,
-                            micro_batches=micro_batches, temperature=temperature, sums=sums)
+                            micro_batches=micro_batches, temperature=temperature, sums=sums,
+                            kl_lambda=kl_lambda)
             n_steps += 1
     if scheduler is not None:
         scheduler.step()
@@ -225,4 +257,6 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
     stats["adv_abs_mean"] = _stat(adv_B.abs().mean())
     stats["optimizer_steps"] = n_steps
     stats["skipped_steps"] = int(skipped)
+    if algo.kl_convex is not None:
+        stats["kl_convex_lambda"] = kl_lambda
     return stats

@@ -14,6 +14,7 @@ from offpolicy.train.metrics import read_metrics
 def test_preset_trains_two_steps(preset, tmp_path):
     cfg = load_config(None, [f"algorithm.preset={preset}", f"run.dir={tmp_path}", "train.steps=2", "eval.every=0",
                              "tasks.eval_size=8", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                             "buffer.strategy=fifo", "train.updates_per_batch=1",  # single pass, fresh data
                              "run.progress=false", "run.tensorboard=false", "run.save_final=false"])
     run_sync(cfg, log=lambda *a: None)
     rows = read_metrics(tmp_path, "train")
