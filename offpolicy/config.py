@@ -95,6 +95,7 @@ class TrainConfig(_Section):
     micro_batches: int = Field(1, ge=1, description="Gradient-accumulation micro-batches per optimiser step.")
     updates_per_batch: int = Field(1, ge=1, description="Update-to-data ratio: optimiser passes over each batch (reuse).")
     mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass over a batch (the batch is split in whole groups' rows).")
+    old_logp: Literal["auto", "recompute", "behav"] = Field("auto", description="PPO's pi_old for losses that read old_logp: 'recompute' = the trainer's log-probs at the step start (pi_k); 'behav' = the log-probs recorded when sampling (the policy that generated the data, as PPO/GRPO define pi_old; the built-in engine shares the trainer's numerics); 'auto' = behav when the data can be stale (async with a staleness bound > 0), else recompute.")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
 

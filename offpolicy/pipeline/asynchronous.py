@@ -115,6 +115,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     """
     import os
 
+    cfg = apply_preset_defaults(cfg)
     ctx = build_context(cfg, run_dir, resume=resume)
     log(f"run directory: {ctx.run_dir}")
     log(describe_logprobs(ctx))

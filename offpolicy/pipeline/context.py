@@ -165,6 +165,7 @@ class RunContext:
     eval_tasks: list
     reward_fn: Callable[[str, str], float]
     needs_old: bool
+    old_from_behav: bool = False  # train.old_logp resolved: pi_old is the sampling policy's behav_logp
 
 
 def describe_logprobs(ctx: "RunContext") -> str:
@@ -173,6 +174,9 @@ def describe_logprobs(ctx: "RunContext") -> str:
     reused = c.updates_per_batch * c.mini_batches > 1
     if not ctx.needs_old:
         old = "old_logp: not needed by this loss (its ratio uses behav_logp)"
+    elif ctx.old_from_behav:
+        old = (f"old_logp: the sampling policy's behav_logp, no extra forward (train.old_logp={c.old_logp}, "
+               f"pipeline.mode={ctx.cfg.pipeline.mode})")
     elif reused:
         old = f"old_logp: recomputed once per batch (the batch feeds {c.updates_per_batch * c.mini_batches} optimiser steps)"
     else:
@@ -215,5 +219,7 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     available = ("behav_logp",) + (("ref_logp",) if algo.kl_fn is not None else ())
     needs_old = needs_input(algo.loss_fn, "old_logp", available=available)
+    stale = cfg.pipeline.mode == "async" and cfg.staleness_bound > 0
+    old_from_behav = cfg.train.old_logp == "behav" or (cfg.train.old_logp == "auto" and stale)
     return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, task_source(cfg, tokenizer)[1],
-                      reward_fn, needs_old)
+                      reward_fn, needs_old, old_from_behav)

@@ -107,7 +107,8 @@ class TrainLoop:
                            micro_batches=c.train.micro_batches, mini_batches=c.train.mini_batches,
                            updates_per_batch=c.train.updates_per_batch, temperature=c.rollout.temperature,
                            ref_model=self.ctx.ref_model, scheduler=self.ctx.scheduler,
-                           needs_old=self.ctx.needs_old, step=step, prev_model=self.prev_model)
+                           needs_old=self.ctx.needs_old, old_from_behav=self.ctx.old_from_behav, step=step,
+                           prev_model=self.prev_model)
         if start is not None:
             self.prev_model.load_state_dict(start)
         return {"kind": "train", "step": step, "version": step - 1, **batch_metrics(exps, step - 1),

@@ -215,7 +215,8 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: A
 def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: float = 1.0,
                micro_batches: int = 1, mini_batches: int = 1, updates_per_batch: int = 1,
                temperature: float = 1.0, ref_model=None, scheduler=None,
-               needs_old: bool = True, step: int = 0, prev_model=None) -> dict[str, float]:
+               needs_old: bool = True, old_from_behav: bool = False, step: int = 0,
+               prev_model=None) -> dict[str, float]:
     """Train on one batch: ``updates_per_batch`` passes, each of ``mini_batches`` optimiser steps.
 
     Advantages are computed once per batch. ``old_logp`` (the proximal policy) is recomputed at the
@@ -224,7 +225,9 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
     current log-probs are exact, because the weights do not change before that step. ``ref_logp`` is
     computed only when the algorithm has a KL term. With ReMix's KL-Convex (``algo.kl_convex``) and
     lambda(step) < 1, ``prev_model`` (the previous step's policy pi_{k-1}) gives the second KL term;
-    the caller keeps it one step behind. Statistics are means over the optimiser steps.
+    the caller keeps it one step behind. ``old_from_behav``: ``old_logp`` is the batch's ``behav_logp``
+    (PPO's pi_old as the policy that sampled the data; ``train.old_logp``), no recompute. Statistics
+    are means over the optimiser steps.
     An optimiser step whose loss or gradient norm is not finite is skipped (gradients dropped,
     weights and optimiser state untouched) and counted in ``skipped_steps``.
     """
@@ -240,6 +243,8 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: fl
         kl_lambda = algo.kl_lambda(step)
         if kl_lambda < 1.0 and algo.kl_fn is not None and prev_model is not None and batch.prev_logp_BT is None:
             batch.prev_logp_BT, _ = response_logp(prev_model, batch, temperature=temperature)
+        if old_from_behav and batch.old_logp_BT is None:
+            batch.old_logp_BT = batch.behav_logp_BT
         if reused and needs_old and batch.old_logp_BT is None:
             batch.old_logp_BT, _ = response_logp(model, batch, temperature=temperature)
     sums: dict[str, float] = {}

@@ -62,3 +62,16 @@ def test_sync_offset_gives_staleness_within_bounds(tmp_path):
         assert r["staleness_min"] == r["staleness_max"] == expected
         assert r["staleness_max"] <= json.loads((d / "config.json").read_text())["pipeline"]["sync_offset"]
     assert any(r["staleness_min"] == n for r in rows)
+    # train.old_logp=auto: on stale data pi_old is the sampling policy (behav_logp), so the PPO ratio
+    # measures the policy's drift since sampling (not identically 1) and the clip can act
+    stale = [r for r in rows if r["staleness_min"] >= 1]
+    assert stale and all(r["loss/ratio_is_one"] == 0.0 for r in stale)
+    assert any(abs(r["loss/ratio_max"] - 1) > 1e-3 for r in stale)
+
+
+def test_old_logp_recompute_makes_the_stale_ratio_identically_one(tmp_path):
+    d = _run(tmp_path, "recompute", "train.steps=3", "pipeline.mode=async", "pipeline.sync_offset=1",
+             "eval.every=0", "train.old_logp=recompute")
+    rows = read_metrics(d, "train")
+    assert rows[-1]["staleness_min"] == 1
+    assert all(r["loss/ratio_is_one"] == 1.0 for r in rows)
