@@ -151,9 +151,19 @@ def _cmd_compare(args) -> int:
 
     from offpolicy.pipeline.compare import run_compare
 
+    from offpolicy.config import ConfigError
+
     torch.set_num_threads(2)
+    variants = None
+    if args.variant:
+        variants = {}
+        for text in args.variant:
+            label, *settings = text.split()
+            if "=" in label or not all("=" in s for s in settings):
+                raise ConfigError(f"--variant {text!r}: expected 'LABEL key=value [key=value ...]'")
+            variants[label] = settings
     png, md = run_compare(args.presets, args.seeds, args.out, config=args.config, overrides=args.overrides,
-                          target=args.target)
+                          variants=variants, target=args.target)
     print(md.read_text())
     print(f"dashboard: {png}\ntable: {md}")
     return 0
@@ -208,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="output folder (runs, dashboard.png, table.md)")
     c.add_argument("--config", help="YAML config shared by every run")
     c.add_argument("--target", type=float, help="accuracy target (default: the first preset's final mean)")
+    c.add_argument("--variant", action="append", metavar="'LABEL key=value ...'",
+                   help="a pipeline/training setting to compare (repeatable), e.g. --variant 'async "
+                        "pipeline.mode=async pipeline.sync_offset=1'; every preset runs under every variant")
     c.add_argument("overrides", nargs="*", help="dotted overrides shared by every run")
     c.set_defaults(fn=_cmd_compare)
     pl = sub.add_parser("plot", help="dashboard PNG and table for existing run directories")

@@ -90,6 +90,10 @@ class Reincarnation:
     def __init__(self, ctx, step: int | None):
         self.ctx = ctx
         self.step = step or None
+        cfg = getattr(ctx, "cfg", None)
+        if self.step and cfg is not None and cfg.model.lora.r > 0:
+            raise ConfigError("ReMix policy reincarnation with LoRA is not supported (the base policy is the "
+                              "adapter-free model); set algorithm.extra_params.reincarnation_step=0")
         self.path = Path(ctx.run_dir) / "reincarnation.safetensors"
 
     def after_step(self, step: int, strategy) -> bool:
