@@ -34,6 +34,7 @@ class ModelConfig(_Section):
     path: str = Field("bundled", description="HF model folder (any AutoModelForCausalLM), or 'bundled' for the tiny arithmetic model in offpolicy/assets.")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the policy (log-probs in the loss are computed in float32 whatever this is).")
+    autocast: Literal["bfloat16", "float16"] | None = Field(None, description="Mixed precision: every forward runs under torch.autocast in this dtype while the parameters, gradients and AdamW state stay in model.dtype (use dtype=float32 + autocast=bfloat16: float32 master weights, so updates of lr ~1e-6 are not rounded away as they are on bf16 parameters).")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (less memory, ~30% more compute; the trainer then runs one full forward per row instead of sharing the prompt).")
     attn_implementation: str | None = Field(None, description="Attention kernel passed to from_pretrained ('eager', 'sdpa', 'flash_attention_2', ...); None = the transformers default.")
     lora: LoraConfig = Field(LoraConfig(), description="LoRA adapter (PEFT); off by default.")

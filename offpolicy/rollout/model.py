@@ -92,6 +92,8 @@ def policy_from_config(model_cfg, *, training: bool = True):
 
     model, tokenizer = load_policy(model_cfg.path, device=model_cfg.device, dtype=model_cfg.dtype,
                                    attn_implementation=model_cfg.attn_implementation)
+    if model_cfg.autocast is not None:
+        enable_autocast(model, model_cfg.autocast)
     if training and model_cfg.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
@@ -106,6 +108,20 @@ def policy_from_config(model_cfg, *, training: bool = True):
         model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                          target_modules=lora.target_modules)
     return model, tokenizer
+
+
+def enable_autocast(model, dtype: str) -> None:
+    """Mixed precision: run ``model``'s forward under ``torch.autocast`` in ``dtype`` (its parameters keep
+    their own dtype: float32 master weights, bf16 matmuls). The log-probs are upcast to float32 by the
+    callers, as for a bf16 model."""
+    import types
+
+    import torch
+
+    device_type = next(model.parameters()).device.type
+    forward = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))(type(model).forward)
+    # bound as a method, so that copy.deepcopy (the KL reference, ReMix's pi_{k-1}) rebinds it to the copy
+    model.forward = types.MethodType(forward, model)
 
 
 @contextlib.contextmanager

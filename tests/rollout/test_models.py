@@ -113,3 +113,45 @@ def test_model_section_is_validated():
 def test_unknown_attention_implementation_is_a_config_error():
     with pytest.raises(ConfigError, match="model.path: cannot load"):
         load_policy("bundled", attn_implementation="no_such_kernel")
+
+
+def test_autocast_keeps_float32_master_weights_that_small_updates_move(tmp_path):
+    """model.autocast=bfloat16 on float32 weights: bf16 compute, float32 log-probs and parameters, and an
+    update of lr 1e-6 is not rounded away (it would be on bfloat16 parameters)."""
+    import copy
+
+    import torch
+
+    from offpolicy.config import load_config
+    from offpolicy.data.experience import collate
+    from offpolicy.pipeline.context import build_context
+    from offpolicy.pipeline.explorer import Explorer
+    from offpolicy.train.step import response_logp, train_step
+
+    changed = {}
+    for name, extra in {"mixed": ["model.autocast=bfloat16"], "bf16": ["model.dtype=bfloat16"]}.items():
+        cfg = load_config(None, [f"run.dir={tmp_path / name}", "train.lr=1e-6", "rollout.prompts_per_step=4",
+                                 "rollout.group_size=4", "tasks.eval_size=4", *extra])
+        (tmp_path / name).mkdir()
+        ctx = build_context(cfg, tmp_path / name)
+        explorer = Explorer(cfg, ctx.model, ctx.tokenizer)
+        try:
+            batch = collate(explorer.explore(0, 0)[0], ctx.tokenizer.pad_token_id)
+        finally:
+            explorer.close()
+        before = {k: v.detach().clone() for k, v in ctx.model.named_parameters()}
+        logp, _ = response_logp(ctx.model, batch)
+        assert logp.dtype == torch.float32
+        assert ctx.model(input_ids=batch.input_ids_BL[:1]).logits.dtype == torch.bfloat16  # bf16 compute
+        twin = copy.deepcopy(ctx.model)  # a copy (KL reference) runs its own weights, still under autocast
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.zero_()
+        out = twin(input_ids=batch.input_ids_BL[:1]).logits
+        assert out.dtype == torch.bfloat16 and torch.count_nonzero(out) == 0
+        train_step(ctx.model, ctx.optimizer, batch, ctx.algo)
+        moved = [(before[k] != v.detach()).float().mean().item() for k, v in ctx.model.named_parameters()]
+        changed[name] = sum(moved) / len(moved)
+        dtypes = {p.dtype for p in ctx.model.parameters()}
+        assert dtypes == ({torch.float32} if name == "mixed" else {torch.bfloat16})
+    assert changed["mixed"] > 0.9 and changed["bf16"] < 0.5 * changed["mixed"]
