@@ -13,7 +13,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_gsm8k_examples_validate(name, preset, tmp_path):
     cfg = load_config(EXAMPLES / name, [f"model.path={tmp_path}"])
     assert cfg.algorithm.preset == preset and cfg.model.path == str(tmp_path)
-    assert (cfg.model.device, cfg.model.dtype) == ("cuda", "bfloat16")
+    assert (cfg.model.device, cfg.model.dtype, cfg.model.autocast) == ("cuda", "float32", "bfloat16")
     assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens) == (96, 8, 1024)
     assert (cfg.train.lr, cfg.pipeline.mode, cfg.pipeline.sync_interval, cfg.staleness_bound) == (1e-6, "async", 20, 19)
     assert cfg.reward.function == "math" and cfg.tasks.eval_path.endswith("gsm8k/test.jsonl")
