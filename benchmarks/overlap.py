@@ -1,6 +1,6 @@
 """Benchmark: does the asynchronous pipeline overlap generation and training?
 
-    .venv/bin/python benchmarks/overlap.py [--steps 400] [--seeds 0] [--preset grpo] [--offset 1]
+    .venv/bin/python benchmarks/overlap.py [--steps 400] [--seeds 0 1] [--preset grpo] [--offset 1]
 
 Runs the default demo in sync mode (one process, train.threads=2) and in async mode (explorer and
 trainer in two processes, one torch thread each, pipeline.sync_offset=--offset). Reports, per mode,
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--preset", default="grpo")
     ap.add_argument("--offset", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "overlap"))
