@@ -19,7 +19,19 @@ def random_tiny():
 
 
 @pytest.fixture(scope="session")
-def smoke_model_dir(tmp_path_factory):
+def gsm8k_data():
+    """The shared GSM8K files (``../shared/data/gsm8k`` beside the repository or ``$OFFPOLICY_GSM8K_DIR``);
+    tests that need them are skipped, saying why, on a checkout without them."""
+    from offpolicy.data.task_files import DatasetError, gsm8k_dir
+
+    try:
+        return gsm8k_dir()
+    except DatasetError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def smoke_model_dir(tmp_path_factory, gsm8k_data):
     """The GSM8K smoke model (BPE tokenizer trained on GSM8K, ChatML template, random tiny Qwen2), built once."""
     from offpolicy.train.smoke import make_smoke_model
 

@@ -10,7 +10,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize("name, preset", [("gsm8k_rec.yaml", "rec_oneside_nois"), ("gsm8k_grpo.yaml", "grpo")])
-def test_gsm8k_examples_validate(name, preset, tmp_path):
+def test_gsm8k_examples_validate(name, preset, tmp_path, gsm8k_data):
     cfg = load_config(EXAMPLES / name, [f"model.path={tmp_path}"])
     assert cfg.algorithm.preset == preset and cfg.model.path == str(tmp_path)
     assert (cfg.model.device, cfg.model.dtype, cfg.model.autocast) == ("cuda", "float32", "bfloat16")

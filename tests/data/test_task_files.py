@@ -185,7 +185,7 @@ def test_smoke_tokenizer_round_trips_gsm8k(smoke_model_dir):
     assert len(tok) <= 2000 and len(tok(rows[0].prompt)["input_ids"]) < len(rows[0].prompt) / 2  # real merges
 
 
-def test_gsm8k_preset_rows_and_defaults():
+def test_gsm8k_preset_rows_and_defaults(gsm8k_data):
     c = cfg("tasks.preset=gsm8k")
     t = c.tasks
     assert (t.name, t.prompt_key, t.answer_key, t.eval_size) == ("file", "question", "answer", 1319)
@@ -202,7 +202,7 @@ def test_gsm8k_preset_rows_and_defaults():
     assert held_out[0].answer.endswith("#### 18") and next(train).answer
 
 
-def test_gsm8k_preset_explicit_settings_win(tmp_path, monkeypatch):
+def test_gsm8k_preset_explicit_settings_win(tmp_path, monkeypatch, gsm8k_data):
     c = cfg("tasks.preset=gsm8k", "reward.function=exact_match", "tasks.system_prompt=Think.",
             "rollout.max_new_tokens=64", "tasks.eval_size=10", "tasks.eval_path=mine.jsonl")
     assert (c.reward.function, c.tasks.system_prompt, c.rollout.max_new_tokens, c.tasks.eval_size,
