@@ -115,31 +115,42 @@ class Batch:
         )
 
 
+def _ragged_index(lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every element of rows with ``lengths_B`` elements, laid out one row after another."""
+    row = torch.repeat_interleave(torch.arange(len(lengths_B)), lengths_B)
+    starts = torch.cumsum(lengths_B, 0) - lengths_B
+    return row, torch.arange(int(lengths_B.sum())) - starts[row]
+
+
 def collate(exps: list[Experience], pad_id: int) -> Batch:
     """Pad a list of experiences into a :class:`Batch` (group ids become dense ints)."""
     B = len(exps)
     P = max(len(e.prompt_ids) for e in exps)
     T = max(max(len(e.response_ids) for e in exps), 1)
+    # one scatter per field (rows concatenated, then written at (row, column)) instead of a copy per row
+    p_B = torch.tensor([len(e.prompt_ids) for e in exps])
+    t_B = torch.tensor([len(e.response_ids) for e in exps])
+    prow, pcol = _ragged_index(p_B)
+    trow, tcol = _ragged_index(t_B)
+    pcol = pcol + (P - p_B)[prow]  # prompts end at column P (left padding)
     input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    input_ids[prow, pcol] = torch.cat([e.prompt_ids for e in exps]).long()
+    input_ids[trow, P + tcol] = torch.cat([e.response_ids for e in exps]).long()
     attn = torch.zeros((B, P + T), dtype=torch.long)
-    mask = torch.zeros((B, T))
-    behav = torch.zeros((B, T))
-    has_old = all(e.old_logp is not None for e in exps)
-    has_ref = all(e.ref_logp is not None for e in exps)
-    old = torch.zeros((B, T)) if has_old else None
-    ref = torch.zeros((B, T)) if has_ref else None
+    attn[prow, pcol] = 1
+    attn[trow, P + tcol] = 1
+
+    def responses(values: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros((B, T))
+        out[trow, tcol] = torch.cat(values).float()
+        return out
+
+    mask = responses([e.response_mask for e in exps])
+    behav = responses([e.behav_logp for e in exps])
+    old = responses([e.old_logp for e in exps]) if all(e.old_logp is not None for e in exps) else None
+    ref = responses([e.ref_logp for e in exps]) if all(e.ref_logp is not None for e in exps) else None
     gid_index: dict[str, int] = {}
-    for i, e in enumerate(exps):
-        p, t = len(e.prompt_ids), len(e.response_ids)
-        input_ids[i, P - p : P] = e.prompt_ids
-        input_ids[i, P : P + t] = e.response_ids
-        attn[i, P - p : P + t] = 1
-        mask[i, :t] = e.response_mask
-        behav[i, :t] = e.behav_logp
-        if old is not None:
-            old[i, :t] = e.old_logp
-        if ref is not None:
-            ref[i, :t] = e.ref_logp
+    for e in exps:
         gid_index.setdefault(e.group_id, len(gid_index))
     return Batch(
         input_ids_BL=input_ids,

@@ -1,7 +1,8 @@
 """Batched sampling on Hugging Face transformers with a KV cache, recording behaviour log-probs.
 
 ``HFEngine.generate`` samples ``n`` responses for each prompt in one batch: prompts are
-left-padded, the first forward fills the cache, then one token per forward. For every sampled
+left-padded, the first forward fills the cache once per prompt (indexed out to its ``n`` rows),
+then one token per forward. For every sampled
 token it records ``behav_logp`` = log softmax(logits / temperature)[token], i.e. the log-prob
 under the tempered distribution *before* top-p truncation — the same quantity the trainer
 recomputes, so that at staleness 0 the ratio is exactly 1 up to float error. (Under top-p the
@@ -78,12 +79,20 @@ class HFEngine:
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                  generator: torch.Generator | None = None) -> Rollouts:
         """Sample ``n`` responses per prompt. EOS ends a response (and is part of it)."""
-        rows = [p for p in prompts for _ in range(n)]
-        ids, attn = _left_pad(rows, self.pad_id)
+        ids, attn = _left_pad(prompts, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
-        B = ids.shape[0]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        # each prompt is run once; its KV cache and last logits are then indexed out to its n rows
         cache, logits = self._forward(ids, attn, pos)
+        if n > 1:
+            rows = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
+            if hasattr(cache, "batch_select_indices"):
+                cache.batch_select_indices(rows)
+                attn, pos, logits = attn[rows], pos[rows], logits[rows]
+            else:  # a cache type that cannot be indexed: run every row
+                ids, attn, pos = ids[rows], attn[rows], pos[rows]
+                cache, logits = self._forward(ids, attn, pos)
+        B = attn.shape[0]
         next_pos = pos[:, -1:] + 1
         tokens, logps = [], []
         done = torch.zeros(B, dtype=torch.bool, device=self.device)

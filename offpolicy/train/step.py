@@ -97,13 +97,13 @@ def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy
             and hasattr(_cache_type(), "batch_select_indices")):
         logits_BTV = _shared_prefix_logits(model, batch, seg_B)
     else:
-        ids, attn = batch.input_ids_BL, batch.attn_BL
+        # the last token predicts nothing we read: it is not run; of the rest, only the T last
+        # positions reach the output head (the prompt's own logits are never read either)
+        ids, attn = batch.input_ids_BL[:, :-1], batch.attn_BL[:, :-1]
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        T = ids.shape[1] - batch.prompt_len
-        # only the T + 1 last positions reach the output head (the prompt's logits are never read)
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                       logits_to_keep=T + 1).logits
-        logits_BTV = logits[:, :T]
+        T = batch.input_ids_BL.shape[1] - batch.prompt_len
+        logits_BTV = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                           logits_to_keep=T).logits
     logits_BTV = logits_BTV.float()
     if temperature != 1.0:
         logits_BTV = logits_BTV / temperature
@@ -131,12 +131,17 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     out = model(input_ids=ids_GP, attention_mask=attn_GP, position_ids=pos_GP, use_cache=True, logits_to_keep=1,
                 **{kw: cache})
     cache = getattr(out, kw)
+    first_BV = out.logits[:, -1:][seg_B]  # the last prompt position predicts response token 0
+    if batch.response_ids_BT.shape[1] == 1:
+        return first_BV
     cache.batch_select_indices(seg_B)  # (G, ...) -> (B, ...) by indexing: differentiable, memory is shared
-    attn_BT = batch.attn_BL[:, P:]
+    # response tokens 0..T-2 predict tokens 1..T-1; the last one predicts nothing we read and is not run
+    attn_BL = batch.attn_BL[:, :-1]
+    attn_BT = attn_BL[:, P:]
     pos_BT = attn_GP.sum(-1)[seg_B].unsqueeze(-1) + attn_BT.cumsum(-1) - 1
-    resp = model(input_ids=batch.response_ids_BT, attention_mask=batch.attn_BL, position_ids=pos_BT.clamp(min=0),
+    resp = model(input_ids=batch.response_ids_BT[:, :-1], attention_mask=attn_BL, position_ids=pos_BT.clamp(min=0),
                  use_cache=True, **{kw: cache})
-    return torch.cat([out.logits[:, -1:][seg_B], resp.logits[:, :-1]], dim=1)
+    return torch.cat([first_BV, resp.logits], dim=1)
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
