@@ -28,29 +28,45 @@ from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
 from offpolicy.pipeline.weights import WeightChannel
 
 
-def _explorer_main(cfg_json: str, run_dir: str, channel: WeightChannel, buffer, ready, reports, stop,
-                   parent_pid: int, start: dict) -> None:
+def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports, stop, parent_pid: int) -> None:
     """Entry point of the explorer process: generate every batch with its scheduled weight version.
 
-    ``start``: ``batch`` (first batch index), ``min_version`` (after a resume, the older weights the
-    schedule names are not checkpointed: the checkpoint's version is used until the schedule passes it)
-    and ``explorer`` (the task cursor / generator state to continue from, or None).
+    The process starts before the trainer builds its context and loads its own model meanwhile
+    (imports included: most of its start-up), then waits on ``setup`` for the rest of its job (None:
+    the trainer failed first). The job: ``tensors`` (the weight slot, see :class:`WeightChannel`),
+    ``buffer``, ``run_dir`` and ``start``: ``batch`` (first batch index), ``min_version`` (after a
+    resume, the older weights the schedule names are not checkpointed: the checkpoint's version is
+    used until the schedule passes it) and ``explorer`` (the task cursor / generator state to
+    continue from, or None).
     """
     import os
+    import queue
 
     import torch
 
     from offpolicy.rollout.model import policy_from_config
 
     explorer = None
+    alive = lambda: not stop.is_set() and _pid_alive(parent_pid)  # noqa: E731
     try:
         cfg = Config.model_validate_json(cfg_json)
         torch.set_num_threads(cfg.pipeline.explorer_threads)
         model, tokenizer = policy_from_config(cfg.model, training=False)  # the trainer's structure (LoRA too)
-        explorer = Explorer(cfg, model, tokenizer, run_dir=Path(run_dir))
+        job = None
+        while job is None:
+            if not alive():
+                return
+            try:
+                job = setup.get(timeout=0.5) or {}
+            except queue.Empty:
+                continue
+        if not job:  # the trainer failed before training
+            return
+        channel.attach(job["tensors"])
+        buffer, start = job["buffer"], job["start"]
+        explorer = Explorer(cfg, model, tokenizer, run_dir=Path(job["run_dir"]))
         if start["explorer"] is not None:
             explorer.load_state_dict(start["explorer"])
-        alive = lambda: not stop.is_set() and _pid_alive(parent_pid)  # noqa: E731
         loaded = -1
         p = cfg.pipeline
         for e in range(start["batch"], cfg.train.steps):
@@ -116,51 +132,57 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     import os
 
     cfg = apply_preset_defaults(cfg)
-    ctx = build_context(cfg, run_dir, resume=resume)
-    log(f"run directory: {ctx.run_dir}")
-    log(describe_logprobs(ctx))
     p = cfg.pipeline
-    buffer = open_run_buffer(cfg, ctx.run_dir)
-    strategy = sample_strategy(cfg)
-    state, gens = None, {"explorer": torch.Generator()}
-    start = {"batch": 0, "explorer": None}
-    if resume:
-        state = restore_run(ctx, strategy=strategy, buffer=buffer, generators=gens)
-        start = {"batch": state["next_batch"], "explorer": state["explorer"]}
-        log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
-            f"{start['batch']}")
-    first = (state or {}).get("step", 0)
-    start.update(min_version=first)
     mpc = mp.get_context("spawn")
-    channel = WeightChannel(ctx.model, mpc)
-    channel.publish(ctx.model, first, after_loaded=None)
-    if first:
-        channel.mark_loaded(first)  # the explorer may need only newer versions; do not wait for it to load this
-    ready, reports, stop = mpc.Semaphore(0), mpc.Queue(), mpc.Event()
+    # the explorer starts first: its start-up (imports, its model) overlaps the trainer's own set-up
+    channel = WeightChannel(mpc)
+    ready, reports, stop, setup = mpc.Semaphore(0), mpc.Queue(), mpc.Event(), mpc.Queue()
+    setup.cancel_join_thread()  # an explorer that died before reading its job must not block our exit
     # not a daemon: the explorer starts its own reward worker; the finally below always stops it
     proc = mpc.Process(target=_explorer_main, name="offpolicy-explorer", daemon=False,
-                       args=(cfg.model_dump_json(), str(ctx.run_dir), channel, buffer, ready, reports, stop,
-                             os.getpid(), start))
+                       args=(cfg.model_dump_json(), channel, setup, ready, reports, stop, os.getpid()))
     proc.start()
-    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-    last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
-    loop = TrainLoop(ctx, progress=progress, resumed=state)
-    pending: dict[int, dict] = {}
-    # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint)
-    cursor = {start["batch"] - 1: start["explorer"]} if state else {}
-
-    def prune(keep_from: int) -> None:
-        for old in [k for k in cursor if k < keep_from]:
-            del cursor[old]
-
-    def save(step: int, eval_after: dict | None = None) -> None:
-        # The explorer's cursor after the batch trained at ``step``: a resume rolls back every batch
-        # not yet consumed (the few the explorer wrote ahead) and regenerates from there, in order.
-        checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy,
-                       eval_before=loop.eval_before, last_eval=loop.last_eval, generators=gens,
-                       next_batch=step, eval_after=eval_after)
-
+    opened: list = []  # the buffer and the train loop, closed last first
     try:
+        ctx = build_context(cfg, run_dir, resume=resume)
+        log(f"run directory: {ctx.run_dir}")
+        log(describe_logprobs(ctx))
+        buffer = open_run_buffer(cfg, ctx.run_dir)
+        opened.append(buffer)
+        strategy = sample_strategy(cfg)
+        state, gens = None, {"explorer": torch.Generator()}
+        start = {"batch": 0, "explorer": None}
+        if resume:
+            state = restore_run(ctx, strategy=strategy, buffer=buffer, generators=gens)
+            start = {"batch": state["next_batch"], "explorer": state["explorer"]}
+            log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
+                f"{start['batch']}")
+        first = (state or {}).get("step", 0)
+        start.update(min_version=first)
+        channel.allocate(ctx.model)
+        channel.publish(ctx.model, first, after_loaded=None)
+        if first:
+            channel.mark_loaded(first)  # the explorer may need only newer versions; do not wait for it to load this
+        setup.put({"tensors": channel.tensors, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
+        rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+        last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
+        loop = TrainLoop(ctx, progress=progress, resumed=state)
+        opened.append(loop)
+        pending: dict[int, dict] = {}
+        # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint)
+        cursor = {start["batch"] - 1: start["explorer"]} if state else {}
+
+        def prune(keep_from: int) -> None:
+            for old in [k for k in cursor if k < keep_from]:
+                del cursor[old]
+
+        def save(step: int, eval_after: dict | None = None) -> None:
+            # The explorer's cursor after the batch trained at ``step``: a resume rolls back every batch
+            # not yet consumed (the few the explorer wrote ahead) and regenerates from there, in order.
+            checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy,
+                           eval_before=loop.eval_before, last_eval=loop.last_eval, generators=gens,
+                           next_batch=step, eval_after=eval_after)
+
         with StopRequest() as stop_request:
             t_prev = time.perf_counter()
             for step in range(first + 1, cfg.train.steps + 1):
@@ -206,5 +228,5 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
         proc.join(timeout=10)
         if proc.is_alive():
             proc.terminate()
-        loop.close()
-        buffer.close()
+        for obj in reversed(opened):
+            obj.close()

@@ -19,13 +19,30 @@ from offpolicy.rollout.model import load_trainable_state, trainable_state
 
 
 class WeightChannel:
-    """Created by the trainer before the explorer process starts; pickled into it (spawn)."""
+    """Created by the trainer before the explorer process starts and pickled into it (spawn): the
+    counters and their lock. The slot itself comes later (:meth:`allocate` in the trainer once its
+    model exists, sent to the explorer, which calls :meth:`attach`), so the explorer process can start
+    and load its own model while the trainer is still building its context."""
 
-    def __init__(self, model: torch.nn.Module, mp_context):
-        self.tensors = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in trainable_state(model).items()}
+    def __init__(self, mp_context, model: torch.nn.Module | None = None):
+        self.tensors: dict[str, torch.Tensor] | None = None
         self._published = mp_context.Value("q", -1, lock=False)
         self._loaded = mp_context.Value("q", -1, lock=False)
         self._cond = mp_context.Condition()
+        if model is not None:
+            self.allocate(model)
+
+    def allocate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Create the slot (shared-memory copies of ``model``'s trainable state); returns it for :meth:`attach`."""
+        self.tensors = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in trainable_state(model).items()}
+        return self.tensors
+
+    def attach(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Use the slot the trainer allocated (received through a queue: the same shared memory)."""
+        self.tensors = tensors
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "tensors": None}  # the slot travels separately (see the class docstring)
 
     @property
     def published(self) -> int:

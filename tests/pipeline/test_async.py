@@ -75,3 +75,32 @@ def test_old_logp_recompute_makes_the_stale_ratio_identically_one(tmp_path):
     rows = read_metrics(d, "train")
     assert rows[-1]["staleness_min"] == 1
     assert all(r["loss/ratio_is_one"] == 1.0 for r in rows)
+
+
+def test_trainer_failing_before_training_stops_the_explorer(tmp_path, monkeypatch):
+    """The explorer process starts before the trainer's context; a failure there must end it cleanly."""
+    from offpolicy.pipeline import asynchronous
+
+    real_context, procs = asynchronous.mp.get_context, []
+
+    class Recording:
+        def __init__(self, ctx):
+            self._ctx = ctx
+
+        def __getattr__(self, name):
+            return getattr(self._ctx, name)
+
+        def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+            procs.append(self._ctx.Process(*args, **kwargs))
+            return procs[-1]
+
+    def failing_context(*args, **kwargs):
+        raise RuntimeError("the trainer's context failed")
+
+    monkeypatch.setattr(asynchronous.mp, "get_context", lambda method: Recording(real_context(method)))
+    monkeypatch.setattr(asynchronous, "build_context", failing_context)
+    cfg = load_config(None, [*SMALL, f"run.dir={tmp_path / 'x'}", "train.steps=4", "pipeline.mode=async"])
+    with pytest.raises(RuntimeError, match="context failed"):
+        asynchronous.run_async(cfg, log=lambda *a: None)
+    assert len(procs) == 1 and not procs[0].is_alive()
+    assert procs[0].exitcode == 0  # it returned by itself (terminate() would give -15)
