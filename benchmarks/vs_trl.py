@@ -298,6 +298,12 @@ def summarise(runs: dict[str, list[dict]], meta: dict) -> tuple[dict, str]:
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
     if best:
         b = cands[best]
+        # each seed against its own TRL run: that run's final accuracy (last-SMOOTH mean) and whole run
+        paired = []
+        for tr, cand in zip(trl, runs[best]):
+            t_s = _reach(cand, _smoothed(tr, SMOOTH)[-1][2], SMOOTH)[1]
+            paired.append(ratio(tr["evals"][-1]["train_s"], t_s))
+        out["speedup_paired_per_seed"] = paired
         out["speedup"] = {"vs_trl_run": ratio(t["time_to_target_s"], b["time_to_target_s"]),
                           "vs_trl_run_est": ratio(t["time_to_target_est_s"], b["time_to_target_est_s"]),
                           "vs_trl_first_crossing": ratio(t["first_crossing_s"], b["time_to_target_s"]),
@@ -329,7 +335,10 @@ def summarise(runs: dict[str, list[dict]], meta: dict) -> tuple[dict, str]:
               f"Best off-policy configuration (by the estimate): **{best}**, time to the target "
               f"{_fmt(sp.get('vs_trl_run'), '.2f')}x shorter than TRL's whole run (est. "
               f"{_fmt(sp.get('vs_trl_run_est'), '.2f')}x), {_fmt(sp.get('vs_trl_first_crossing'), '.2f')}x shorter "
-              f"than TRL's first crossing (est. {_fmt(sp.get('vs_trl_first_crossing_est'), '.2f')}x).", "",
+              f"than TRL's first crossing (est. {_fmt(sp.get('vs_trl_first_crossing_est'), '.2f')}x). Each seed "
+              "against its own TRL run (that run's final accuracy, its whole run): " + ", ".join(
+                  f"seed {seed} {_fmt(x, '.2f')}x" for seed, x in zip(m["seeds"], out.get("speedup_paired_per_seed", []))),
+              "",
               "Held-out greedy accuracy at equal rollouts (step x 256, mean over seeds):", "",
               "| step | " + " | ".join(s) + " |", "|---|" + "---|" * len(s)]
     stride = max(m["eval_every"], m["steps"] // 8 // m["eval_every"] * m["eval_every"])
