@@ -214,12 +214,13 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
                 except NumericalFaultError:
                     save(step)
                     raise
-                t_prev = now
                 if stop_request.requested or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     save(step)
                 if stop_request.requested:
                     raise RunStopped(f"stopped by {stop_request.requested} after step {step}; checkpoint "
                                      f"written, resume with: offpolicy train --resume {ctx.run_dir}")
+                # the next step's clock starts here: evaluation and checkpoints are not step time (as in sync)
+                t_prev = time.perf_counter()
             result = loop.finish()
             save(cfg.train.steps, result.eval_after)
             return result
