@@ -15,16 +15,19 @@ def test_kv_cache_logprobs_equal_one_full_forward(random_tiny):
     model, tok = random_tiny
     prompts = [tok(p)["input_ids"] for p in ["12+7=", "45+61-5=", "3="]]  # different lengths: left padding
     engine = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
-    for temperature in (1.0, 0.7):
-        ro = engine.generate(prompts, n=4, max_new_tokens=6, temperature=temperature,
+    # the engine runs each prompt once for its n rows; the trainer too (share_prefix) or once per row;
+    # max_new_tokens=1: responses of one token (the trainer's response forward is skipped)
+    for temperature, new_tokens in ((1.0, 6), (0.7, 6), (1.0, 1)):
+        ro = engine.generate(prompts, n=4, max_new_tokens=new_tokens, temperature=temperature,
                              generator=torch.Generator().manual_seed(0))
         assert len(ro.response_ids) == 12 and ro.prompt_index == [0] * 4 + [1] * 4 + [2] * 4
         batch = collate(_experiences(ro, prompts), tok.pad_token_id)
-        with torch.no_grad():
-            logp_BT, _ = response_logp(model, batch, temperature=temperature)
         m = batch.mask_BT.bool()
-        assert m.sum() > 12
-        torch.testing.assert_close(logp_BT[m], batch.behav_logp_BT[m], atol=1e-5, rtol=0)
+        assert m.sum() > (12 if new_tokens > 1 else 11)
+        for share in (True, False):
+            with torch.no_grad():
+                logp_BT, _ = response_logp(model, batch, temperature=temperature, share_prefix=share)
+            torch.testing.assert_close(logp_BT[m], batch.behav_logp_BT[m], atol=1e-5, rtol=0)
 
 
 def test_stops_on_eos_and_pads_after(random_tiny):
