@@ -159,11 +159,11 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
                 f"{start['batch']}")
         first = (state or {}).get("step", 0)
         start.update(min_version=first)
-        channel.allocate(ctx.model)
+        slot = channel.allocate(ctx.model)
         channel.publish(ctx.model, first, after_loaded=None)
         if first:
             channel.mark_loaded(first)  # the explorer may need only newer versions; do not wait for it to load this
-        setup.put({"tensors": channel.tensors, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
+        setup.put({"tensors": slot, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
         rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
         last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
         loop = TrainLoop(ctx, progress=progress, resumed=state)

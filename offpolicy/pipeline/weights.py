@@ -24,13 +24,11 @@ class WeightChannel:
     model exists, sent to the explorer, which calls :meth:`attach`), so the explorer process can start
     and load its own model while the trainer is still building its context."""
 
-    def __init__(self, mp_context, model: torch.nn.Module | None = None):
+    def __init__(self, mp_context):
         self.tensors: dict[str, torch.Tensor] | None = None
         self._published = mp_context.Value("q", -1, lock=False)
         self._loaded = mp_context.Value("q", -1, lock=False)
         self._cond = mp_context.Condition()
-        if model is not None:
-            self.allocate(model)
 
     def allocate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Create the slot (shared-memory copies of ``model``'s trainable state); returns it for :meth:`attach`."""
