@@ -84,17 +84,24 @@ def gspo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 3e-4, eps_high
          ratio_to: str = "old") -> LossOut:
     """GSPO (arXiv 2507.18071), sequence ratio ``s_i = exp(mean_t(logp - denom))`` clipped at 1 -/+ eps.
 
-    Implemented as the paper's GSPO-token form ``s_{i,t} = sg[s_i] * pi/sg[pi]``: the value is ``s_i`` on
-    every token and, aggregated with ``seq_mean_token_mean``, the gradient is exactly the sequence one.
-    Like verl, the sequence log-ratio is capped at 10 for numerical safety (a departure from the paper).
+    Implemented as the paper's GSPO-token form ``log s_{i,t} = logp - sg[logp] + sg[log s_i]``: the value
+    is ``s_i`` on every token and, aggregated with ``seq_mean_token_mean``, the gradient is exactly the
+    sequence one. Shapes: ``logp_BT`` and the (B, T) inputs -> ``loss_BT`` (B, T).
+
+    Departure from the paper, as in verl (``compute_policy_loss_gspo``): the whole token log-ratio
+    ``log s_{i,t}`` is clamped at 10, so a sequence whose mean log-ratio exceeds 10 has the value ``e^10``
+    and *no* gradient (counted in ``seq_cap_frac``). Capping only the detached term would leave it a
+    gradient of weight ``e^10 * |A|``.
     """
+    max_log_ratio = 10.0  # verl's cap
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)
     lr_BT = log_ratio(logp_BT, denominator(inputs, ratio_to, "gspo"), m_BT)
     seq_lr_B = lr_BT.detach().sum(-1) / m_BT.sum(-1).clamp(min=1)
-    seq_lr_BT = clean(seq_lr_B.clamp(max=10.0).unsqueeze(-1).expand_as(lr_BT), m_BT)
-    s_BT = torch.exp(logp_BT - logp_BT.detach() + seq_lr_BT)
-    loss_BT, flags = clipped_surrogate(s_BT, adv_BT, 1 - eps_low, 1 + eps_high)
-    return finish(loss_BT, m_BT, {**clip_stats(flags, m_BT), **ratio_stats(seq_lr_BT, m_BT)})
+    seq_lr_BT = clean(seq_lr_B.unsqueeze(-1).expand_as(lr_BT), m_BT)
+    log_s_BT = (logp_BT - logp_BT.detach() + seq_lr_BT).clamp(max=max_log_ratio)
+    loss_BT, flags = clipped_surrogate(log_s_BT.exp(), adv_BT, 1 - eps_low, 1 + eps_high)
+    flags["seq_cap"] = seq_lr_BT > max_log_ratio
+    return finish(loss_BT, m_BT, {**clip_stats(flags, m_BT), **ratio_stats(log_s_BT, m_BT)})
 
 
 @builtin("policy_loss", "cispo")

@@ -1,4 +1,4 @@
-"""Aggregation: hand values (ALGORITHMS.md §1) and micro-batch gradient invariance."""
+"""Aggregation: hand values (docs/algorithms.md, "Aggregation"), fully masked rows, micro-batch invariance."""
 
 import pytest
 import torch
@@ -30,6 +30,17 @@ def test_seq_mean_token_sum_hand():
     close(AGGREGATIONS["seq_mean_token_sum"](LOSS, MASK), 3.5)
 
 
+def test_fully_masked_row_not_counted_hand():
+    # a third row with no trainable token is not a sequence: the values above are unchanged
+    loss = torch.cat([LOSS, torch.tensor([[7.0, 8.0, 9.0]], dtype=torch.float64)])
+    mask = torch.cat([MASK, torch.zeros(1, 3, dtype=MASK.dtype)])
+    close(AGGREGATIONS["seq_mean_token_mean"](loss, mask), 2.75)  # not 5.5 / 3
+    close(AGGREGATIONS["seq_mean_token_sum"](loss, mask), 3.5)  # not 7 / 3
+    close(AGGREGATIONS["seq_mean_token_sum_norm"](loss, mask), 7 / 6)  # 7 / (2 seqs * T = 3), not 7 / 9
+    close(AGGREGATIONS["token_mean"](loss, mask), 7 / 3)
+    close(AGGREGATIONS["seq_mean_token_sum"](loss, mask, num_seqs=7), 1.0)  # an explicit count wins
+
+
 def test_seq_mean_token_sum_norm_hand():
     # 7 / (2 seqs * L_max); default L_max = T = 3; explicit 10
     close(AGGREGATIONS["seq_mean_token_sum_norm"](LOSS, MASK), 7 / 6)
@@ -50,6 +61,28 @@ def test_masked_junk_never_leaks(name):
     assert torch.isfinite(junk.grad).all() and (junk.grad[MASK == 0] == 0).all()
 
 
+@pytest.mark.parametrize("name", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                                  "seq_mean_token_sum_norm"])
+def test_fully_masked_rows_change_nothing(name):
+    """Fully masked rows holding junk (inf, nan) leave the value and every gradient unchanged."""
+    gen = torch.Generator().manual_seed(3)
+    B, T = 5, 4
+    x = torch.randn(B, T, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = (torch.arange(T)[None, :] < torch.tensor([4, 1, 3, 2, 4])[:, None]).long()
+    base = AGGREGATIONS[name](x.exp(), mask)
+    (g_base,) = torch.autograd.grad(base, x)
+    junk = torch.tensor([[float("inf"), float("nan"), -float("inf"), 1e30],
+                         [float("nan")] * T], dtype=torch.float64, requires_grad=True)
+    loss_more = torch.cat([x[:2].exp(), junk[:1], x[2:].exp(), junk[1:]])
+    mask_more = torch.cat([mask[:2], torch.zeros(1, T, dtype=mask.dtype), mask[2:],
+                           torch.zeros(1, T, dtype=mask.dtype)])
+    more = AGGREGATIONS[name](loss_more, mask_more)
+    g_x, g_junk = torch.autograd.grad(more, (x, junk))
+    close(more, base.detach(), atol=1e-12)
+    close(g_x, g_base, atol=1e-12)
+    assert (g_junk == 0).all()
+
+
 def test_empty_mask_is_zero_not_nan():
     for fn in AGGREGATIONS.values():
         out = fn(LOSS, torch.zeros_like(MASK))
@@ -64,12 +97,14 @@ def test_micro_batch_invariance(name, splits):
     B, T = 8, 6
     w = torch.randn(B, T, generator=gen, dtype=torch.float64)
     lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    lengths[3] = 0  # a fully masked row: not a sequence
     mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
     params = {"max_len": 16} if name == "seq_mean_token_sum_norm" else {}
     x = torch.randn(B, T, generator=gen, dtype=torch.float64, requires_grad=True)
     full = AGGREGATIONS[name]((x * w) ** 2, mask, **params)
     (g_full,) = torch.autograd.grad(full, x)
-    total, counts = 0.0, {"num_tokens": mask.sum(), "num_seqs": B}
+    # the global counts of the optimiser batch: tokens, and rows with at least one trainable token
+    total, counts = 0.0, {"num_tokens": mask.sum(), "num_seqs": (mask.sum(-1) > 0).sum()}
     for idx in torch.arange(B).chunk(splits):
         part = AGGREGATIONS[name]((x[idx] * w[idx]) ** 2, mask[idx], **counts, **params)
         part.backward()

@@ -1,4 +1,4 @@
-"""PPO-style losses (ALGORITHMS.md §4): hand values for ppo_clip, dual clip, GSPO, CISPO,
+"""PPO-style losses (docs/algorithms.md, "PPO-style losses"): hand values for ppo_clip, dual clip, GSPO, CISPO,
 decoupled PPO, SFT, REINFORCE and OPMD-legacy."""
 
 import math
@@ -149,3 +149,30 @@ def test_token_level_advantages_accepted():
     logp = torch.tensor([[-0.5, -2.0]], dtype=F64)
     adv_BT = torch.tensor([[1.0, -2.0]], dtype=F64)
     close(POLICY_LOSSES["reinforce"](logp, LossInputs(adv_BT, torch.ones(1, 2))).loss_BT, [[0.5, -4.0]])
+
+
+def test_gspo_sequence_past_cap_gets_no_gradient():
+    # verl clamps the whole token log-ratio logp - sg(logp) + sg(seq_lr) at 10.
+    # seq 0: log-ratios [11, 11], mean 11 > 10 -> value e^10 on both tokens, gradient exactly 0
+    #        (capping only the detached term would leave a gradient e^10 * |A| = 22026 per token);
+    # seq 1: log-ratios [0.3, -0.1], mean 0.1 -> s = e^0.1 > 1 + 4e-4, A = -2 is not clipped:
+    #        loss -A*s = 2s per token, d/dlogp_t = 2s.
+    rho = torch.tensor([[11.0, 11.0], [0.3, -0.1]], dtype=F64).exp()
+    out, g = run("gspo", rho, [-1.0, -2.0])
+    s = math.exp(0.1)
+    close(out.loss_BT, [[math.exp(10.0)] * 2, [2 * s] * 2], atol=1e-9)
+    close(g, [[0.0, 0.0], [2 * s, 2 * s]], atol=1e-12)
+    close(out.stats["seq_cap_frac"], 0.5)
+    close(out.stats["ratio_max"], math.exp(10.0), atol=1e-6)
+
+
+def test_gspo_cap_with_positive_advantage_and_padding():
+    # A = +1 past the cap: clipped at 1 + 4e-4 anyway (value -1.0004, no gradient); the padded position
+    # holds junk (inf) and stays out of the sequence mean: log-ratios [12, 12 | pad] -> mean 12, not 8.
+    logp = torch.tensor([[12.0, 12.0, float("inf")]], dtype=F64, requires_grad=True)
+    inputs = LossInputs(torch.tensor([1.0], dtype=F64), torch.tensor([[1, 1, 0]]),
+                        old_logp=torch.zeros(1, 3, dtype=F64))
+    out = POLICY_LOSSES["gspo"](logp, inputs)
+    close(out.loss_BT, [[-1.0004, -1.0004, 0.0]])
+    close(torch.autograd.grad(out.loss_BT.sum(), logp)[0], [[0.0, 0.0, 0.0]])
+    close(out.stats["seq_cap_frac"], 1.0)
