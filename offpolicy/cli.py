@@ -1,4 +1,4 @@
-"""Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot``.
+"""Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot | config``.
 
 Heavy imports (torch, transformers) happen inside the commands so ``offpolicy --help`` is instant.
 """
@@ -179,6 +179,17 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    from offpolicy.config_docs import print_reference, render_markdown, sections, select
+
+    found = select(sections(), args.section)
+    if args.markdown:
+        print(render_markdown(found), end="")
+    else:
+        print_reference(found)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offpolicy", description="Off-policy reinforcement fine-tuning of LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="dashboard.png")
     pl.add_argument("--target", type=float)
     pl.set_defaults(fn=_cmd_plot)
+    cf = sub.add_parser("config", help="every config option: dotted key, type, default and description")
+    cf.add_argument("section", nargs="?", help="only this section or key, e.g. train, model.lora, train.lr")
+    cf.add_argument("--markdown", action="store_true", help="print Markdown (docs/config.md is this output)")
+    cf.set_defaults(fn=_cmd_config)
     return p
 
 

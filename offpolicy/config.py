@@ -110,10 +110,21 @@ class PipelineConfig(_Section):
 
 
 class BufferConfig(_Section):
-    kind: Literal["memory", "sqlite"] | None = Field(None, description="None: SQLite file <run_dir>/buffer.db in async mode, in-memory in sync mode.")
+    kind: Literal["memory", "sqlite", "sql"] | None = Field(None, description="Where experiences are stored: 'memory' (sync mode only), 'sqlite' (the file <run_dir>/buffer.db), 'sql' (the SQLAlchemy database at buffer.url; needs the extra offpolicy[sql]); None: sqlite in async mode, memory in sync mode.")
+    url: str | None = Field(None, description="buffer.kind=sql: any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db or sqlite:///path (one run per database).")
     capacity: int | None = Field(None, ge=1, description="Maximum rows; the oldest groups are evicted first.")
     strategy: str | None = Field(None, description="Sample strategy (fifo, staleness, priority, mix, expert_mix); None: the preset's (remix: mix), else fifo in sync mode and staleness in async mode.")
     strategy_params: dict[str, Any] = Field({}, description="Parameters of the sample strategy (e.g. mix: p, window).")
+
+    @model_validator(mode="after")
+    def _url_with_sql(self) -> "BufferConfig":
+        if self.kind == "sql" and not self.url:
+            raise ValueError("buffer.kind=sql needs buffer.url (an SQLAlchemy URL such as sqlite:///path/buffer.db)")
+        if self.url is not None and self.kind != "sql":
+            raise ValueError(f"buffer.url is set but buffer.kind={self.kind}; set buffer.kind=sql to use it")
+        if self.url is not None and "://" not in self.url:
+            raise ValueError(f"buffer.url={self.url!r} is not an SQLAlchemy URL (dialect://...)")
+        return self
 
 
 class RewardConfig(_Section):

@@ -28,13 +28,41 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def open_run_buffer(cfg: Config, run_dir: Path):
-    """The run's experience buffer: SQLite ``<run_dir>/buffer.db`` (async default) or in memory (sync default)."""
+    """The run's experience buffer: SQLite ``<run_dir>/buffer.db`` (async default), in memory (sync default),
+    or the SQLAlchemy database at ``buffer.url`` (``buffer.kind=sql``).
+
+    Every kind but memory pickles by address, so the async runner hands it to the explorer process, which
+    reopens it. A database that already holds rows is refused unless ``run_dir`` has a checkpoint to resume,
+    as :func:`make_run_dir` refuses a run directory with a ``buffer.db``."""
     from offpolicy.data.buffer import open_buffer
 
     kind = cfg.buffer.kind or ("sqlite" if cfg.pipeline.mode == "async" else "memory")
     if kind == "memory" and cfg.pipeline.mode == "async":
         raise ConfigError("buffer.kind=memory cannot be shared with the explorer process; use sqlite in async mode")
-    return open_buffer(None if kind == "memory" else str(run_dir / "buffer.db"), capacity=cfg.buffer.capacity)
+    if kind != "sql":
+        return open_buffer(None if kind == "memory" else str(run_dir / "buffer.db"), capacity=cfg.buffer.capacity)
+    try:
+        import sqlalchemy
+    except ImportError:
+        raise ConfigError("buffer.kind=sql needs SQLAlchemy: pip install 'offpolicy[sql]'") from None
+    from offpolicy.train.checkpoint import latest_checkpoint
+
+    try:
+        url = sqlalchemy.engine.make_url(cfg.buffer.url)
+    except sqlalchemy.exc.ArgumentError as e:
+        raise ConfigError(f"buffer.url: {e}") from None
+    shown = f"buffer.url={url.render_as_string(hide_password=True)}"
+    if cfg.pipeline.mode == "async" and url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigError(f"{shown}: an in-memory SQLite database cannot be shared with the explorer process; "
+                          "give a file (sqlite:///path)")
+    try:  # a missing driver (e.g. psycopg) or an unreachable server
+        buffer = open_buffer(cfg.buffer.url, capacity=cfg.buffer.capacity)
+    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
+        raise ConfigError(f"{shown}: cannot open the database: {e}") from None
+    if buffer.stats().put and latest_checkpoint(run_dir) is None:
+        buffer.close()
+        raise ConfigError(f"{shown} already holds another run's rows; use an empty database (one run per database)")
+    return buffer
 
 
 def seed_everything(seed: int) -> None:
