@@ -61,7 +61,7 @@ class Buffer(Protocol):
 
     def put(self, exps: list[Experience]) -> None:
         """Store whole groups, atomically (all rows or none). Raises ValueError for a group already in the
-        buffer, a group whose rows disagree on ``version``/``expert``, or an ``eid`` seen before;
+        buffer, a group whose rows disagree on ``version``/``batch_index``/``expert``, or an ``eid`` seen before;
         BufferFull when over capacity and nothing may be evicted."""
 
     def sample(self, n: int, strategy: SampleStrategy, *, now_version: int) -> list[Experience]:
@@ -116,14 +116,15 @@ def check_buffer_args(capacity: int | None, eviction: str) -> None:
 
 
 def split_groups(exps: Sequence[Experience]) -> dict[str, list[Experience]]:
-    """``{group_id: rows}`` in first-seen order; checks one version and one expert flag per group and
-    no repeated ``eid`` within the put."""
+    """``{group_id: rows}`` in first-seen order; checks one version, one batch index and one expert flag
+    per group and no repeated ``eid`` within the put."""
     groups: dict[str, list[Experience]] = {}
     for e in exps:
         groups.setdefault(e.group_id, []).append(e)
     for gid, rows in groups.items():
-        if len({(e.version, e.expert) for e in rows}) > 1:
-            raise ValueError(f"group {gid!r} mixes versions/expert flags; a group comes from one policy")
+        if len({(e.version, e.batch_index, e.expert) for e in rows}) > 1:
+            raise ValueError(f"group {gid!r} mixes versions/batch indices/expert flags; "
+                             "a group comes from one policy in one batch")
     if len({e.eid for e in exps}) < len(exps):
         raise ValueError("put contains the same eid twice")
     return groups
@@ -203,7 +204,7 @@ class _Group:
     def meta(self) -> GroupMeta:
         e = self.rows[0]
         use_count = max(r.use_count for r in self.rows)
-        return GroupMeta(e.group_id, self.seq, len(self.rows), e.version, use_count, e.expert)
+        return GroupMeta(e.group_id, self.seq, len(self.rows), e.version, use_count, e.expert, e.batch_index)
 
 
 def _copy(e: Experience, **changes) -> Experience:

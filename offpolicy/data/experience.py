@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-_TENSOR_FIELDS = ("prompt_ids", "response_ids", "response_mask", "behav_logp", "old_logp", "ref_logp")
+_TENSOR_FIELDS = ("prompt_ids", "response_ids", "response_mask", "behav_logp", "engine_logp", "old_logp", "ref_logp")
 
 
 @dataclass
@@ -28,8 +28,13 @@ class Experience:
 
     Tensors are 1-D: ``prompt_ids`` (P_i,), the others (T_i,). ``response_mask`` is 1 on
     trainable response tokens (0 on tool outputs). ``behav_logp`` is the log-prob of each
-    sampled token under the policy that sampled it (version ``version``), at the sampling
-    temperature. Optional ``old_logp`` / ``ref_logp`` are filled by the trainer when needed.
+    sampled token under the distribution it was actually sampled from: the policy of version
+    ``version`` at the sampling temperature, truncated by top-k / top-p and renormalised over the
+    kept tokens. ``engine_logp`` is the engine's untruncated tempered log-prob of the same tokens
+    (what the trainer recomputes; for the engine-vs-trainer mismatch), None when sampling did not
+    truncate (then it equals ``behav_logp``). Optional ``old_logp`` / ``ref_logp`` are filled by
+    the trainer when needed. ``batch_index`` is the explorer batch the experience was generated in
+    (-1: unknown, e.g. data put by hand); ``group_id`` is only a key, never parsed.
     """
 
     prompt_ids: torch.Tensor
@@ -40,8 +45,10 @@ class Experience:
     group_id: str
     task_id: str
     version: int = 0
+    batch_index: int = -1
     use_count: int = 0
     created_at: float = field(default_factory=time.time)
+    engine_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     expert: bool = False
@@ -83,7 +90,9 @@ class Batch:
     """A padded batch. Prompts are left-padded to P, responses right-padded to T.
 
     ``input_ids_BL`` = concat(prompt, response), L = P + T; ``attn_BL`` marks real tokens.
-    The logits that predict response token t sit at position ``P - 1 + t``.
+    The logits that predict response token t sit at position ``P - 1 + t``. ``engine_logp_BT`` is
+    the engine's untruncated log-prob (see :class:`Experience`): None when no row carries one,
+    else ``behav_logp`` stands in for rows without it (they were sampled without truncation).
     """
 
     input_ids_BL: torch.Tensor
@@ -97,6 +106,7 @@ class Batch:
     old_logp_BT: torch.Tensor | None = None
     ref_logp_BT: torch.Tensor | None = None
     prev_logp_BT: torch.Tensor | None = None  # ReMix KL-Convex: the previous policy pi_{k-1}
+    engine_logp_BT: torch.Tensor | None = None
 
     @property
     def response_ids_BT(self) -> torch.Tensor:
@@ -111,7 +121,7 @@ class Batch:
         return Batch(
             self.input_ids_BL[idx], self.attn_BL[idx], self.mask_BT[idx], self.behav_logp_BT[idx],
             self.rewards_B[idx], self.group_ids_B[idx], self.versions_B[idx], self.prompt_len,
-            pick(self.old_logp_BT), pick(self.ref_logp_BT), pick(self.prev_logp_BT),
+            pick(self.old_logp_BT), pick(self.ref_logp_BT), pick(self.prev_logp_BT), pick(self.engine_logp_BT),
         )
 
 
@@ -149,6 +159,9 @@ def collate(exps: list[Experience], pad_id: int) -> Batch:
     behav = responses([e.behav_logp for e in exps])
     old = responses([e.old_logp for e in exps]) if all(e.old_logp is not None for e in exps) else None
     ref = responses([e.ref_logp for e in exps]) if all(e.ref_logp is not None for e in exps) else None
+    engine = None
+    if any(e.engine_logp is not None for e in exps):
+        engine = responses([e.behav_logp if e.engine_logp is None else e.engine_logp for e in exps])
     gid_index: dict[str, int] = {}
     for e in exps:
         gid_index.setdefault(e.group_id, len(gid_index))
@@ -163,4 +176,5 @@ def collate(exps: list[Experience], pad_id: int) -> Batch:
         prompt_len=P,
         old_logp_BT=old,
         ref_logp_BT=ref,
+        engine_logp_BT=engine,
     )

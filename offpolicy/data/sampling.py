@@ -39,6 +39,7 @@ class GroupMeta(NamedTuple):
     version: int  # policy version that generated it (one version per group; ``put`` checks)
     use_count: int  # times the group has been returned by ``sample``
     expert: bool
+    batch_index: int = -1  # explorer batch that generated it (one per group; ``put`` checks); -1: unknown
 
 
 class Selection(NamedTuple):

@@ -3,7 +3,8 @@
 
 Tables: ``experiences`` (one row per experience: metadata columns the strategies read, the JSON metadata
 and the raw-array blob from :meth:`Experience.to_bytes`; no pickle), ``retired`` (eid, version,
-use_count and fate of every row that left: the consumption log) and ``counters``.
+use_count and fate of every row that left: the consumption log) and ``counters``. A file written before
+the ``batch_index`` column existed gets it on opening (value -1, unknown, for its rows).
 
 Concurrency: every ``put`` and ``sample`` is one short write transaction that takes the database's write
 lock first (SQLite ``BEGIN IMMEDIATE``; through SQLAlchemy an ``UPDATE`` of a lock row, which is a row lock
@@ -37,16 +38,21 @@ from offpolicy.data.sampling import GroupMeta, SampleStrategy, Selection
 
 Exec = Callable[..., list]  # ex(sql, params=None) -> rows; params: a dict, or a list of dicts (executemany)
 
-# The index covers every column the strategies read, so the metadata scan of a sample never reads blobs.
-_SCHEMA = (
+_TABLES = (
     "CREATE TABLE IF NOT EXISTS experiences (seq BIGINT PRIMARY KEY, eid TEXT NOT NULL UNIQUE, "
-    "group_id TEXT NOT NULL, version BIGINT NOT NULL, use_count BIGINT NOT NULL, expert INTEGER NOT NULL, "
-    "meta TEXT NOT NULL, tensors {blob} NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS experiences_meta ON experiences (group_id, seq, version, use_count, expert)",
+    "group_id TEXT NOT NULL, version BIGINT NOT NULL, batch_index BIGINT NOT NULL DEFAULT -1, "
+    "use_count BIGINT NOT NULL, expert INTEGER NOT NULL, meta TEXT NOT NULL, tensors {blob} NOT NULL)",
     "CREATE TABLE IF NOT EXISTS retired (eid TEXT PRIMARY KEY, version BIGINT NOT NULL, "
     "use_count BIGINT NOT NULL, fate TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
 )
+# The index covers every column the strategies read, so the metadata scan of a sample never reads blobs.
+_INDEX = ("CREATE INDEX IF NOT EXISTS experiences_meta ON experiences "
+          "(group_id, seq, version, batch_index, use_count, expert)")
+# Files written before the batch_index column get it (O(1) on SQLite and PostgreSQL >= 11) and a rebuilt
+# index that covers it.
+_ADD_BATCH_INDEX = ("ALTER TABLE experiences ADD COLUMN batch_index BIGINT NOT NULL DEFAULT -1",
+                    "DROP INDEX IF EXISTS experiences_meta")
 _COUNTERS = ("put", "sampled", "used", "dropped", "evicted", "lock")
 _CHUNK = 500  # values per IN (...) list; SQLite allows 32766 bound parameters, PostgreSQL 65535
 _USED_OR_DROPPED = "CASE WHEN use_count > 0 THEN 'used' ELSE 'dropped' END"
@@ -59,6 +65,7 @@ class _SQLiteDB:
     """sqlite3 connections, one per (process, thread), in WAL mode with a busy timeout."""
 
     blob = "BLOB"
+    backend = "sqlite"
 
     def __init__(self, path: Path, timeout: float):
         self.path, self.timeout = path, timeout
@@ -87,10 +94,9 @@ class _SQLiteDB:
                 conn.execute("ROLLBACK")
             raise
 
-    def setup(self, statements: Sequence[str]) -> None:
-        with self.transaction() as ex:
-            for sql in statements:
-                ex(sql)
+    def setup(self) -> contextlib.AbstractContextManager[Exec]:
+        """A write transaction for creating the tables."""
+        return self.transaction()
 
     def close(self) -> None:
         pid = os.getpid()
@@ -141,10 +147,11 @@ class _AlchemyDB:
                 ex("UPDATE counters SET value = value + 1 WHERE name = 'lock'")
             yield ex
 
-    def setup(self, statements: Sequence[str]) -> None:
+    @contextlib.contextmanager
+    def setup(self) -> Iterator[Exec]:
+        """A transaction for creating the tables (without the lock row, which may not exist yet)."""
         with self._get_engine().begin() as conn:
-            for sql in statements:
-                _run_alchemy(self.sa, conn, sql)
+            yield functools.partial(_run_alchemy, self.sa, conn)
 
     def close(self) -> None:
         if self._engine is not None and self._pid == os.getpid():
@@ -161,6 +168,13 @@ def _sqlite_wal(dbapi_conn, _record) -> None:
 def _run_alchemy(sa, conn, sql: str, params: Any = None) -> list:
     res = conn.execute(sa.text(sql), params if params is not None else {})
     return [tuple(r) for r in res] if res.returns_rows else []
+
+
+def _columns(ex: Exec, backend: str, table: str) -> set[str]:
+    if backend == "sqlite":
+        return {r[0] for r in ex("SELECT name FROM pragma_table_info(:t)", {"t": table})}
+    return {r[0] for r in ex("SELECT column_name FROM information_schema.columns WHERE table_name = :t",
+                             {"t": table})}
 
 
 def _each_in(ex: Exec, sql: str, values: Iterable[str]) -> list:
@@ -185,7 +199,14 @@ class _SQLStore:
         self._db = db
         counters = "INSERT INTO counters (name, value) VALUES {} ON CONFLICT (name) DO NOTHING".format(
             ", ".join(f"('{c}', 0)" for c in _COUNTERS))
-        db.setup([sql.format(blob=db.blob) for sql in _SCHEMA] + [counters])
+        with db.setup() as ex:
+            for sql in _TABLES:
+                ex(sql.format(blob=db.blob))
+            if "batch_index" not in _columns(ex, db.backend, "experiences"):
+                for sql in _ADD_BATCH_INDEX:
+                    ex(sql)
+            ex(_INDEX)
+            ex(counters)
 
     # ------------------------------------------------------------------------------------- writing
 
@@ -199,8 +220,8 @@ class _SQLStore:
             evict = plan_eviction(self._groups(ex), len(exps), self.capacity, self.eviction)
             self._bump(ex, "evicted", self._retire(ex, evict, "'evicted'"))
             base = self._bump(ex, "put", len(rows)) - len(rows)
-            ex("INSERT INTO experiences (seq, eid, group_id, version, use_count, expert, meta, tensors) "
-               "VALUES (:seq, :eid, :group_id, :version, :use_count, :expert, :meta, :tensors)",
+            ex("INSERT INTO experiences (seq, eid, group_id, version, batch_index, use_count, expert, meta, tensors) "
+               "VALUES (:seq, :eid, :group_id, :version, :batch_index, :use_count, :expert, :meta, :tensors)",
                [dict(r, seq=base + i) for i, r in enumerate(rows)])
 
     def _check_new(self, ex: Exec, group_ids: list[str], eids: list[str]) -> None:
@@ -243,9 +264,9 @@ class _SQLStore:
     # ------------------------------------------------------------------------------------- reading
 
     def _groups(self, ex: Exec) -> list[GroupMeta]:
-        rows = ex("SELECT group_id, MIN(seq), COUNT(*), MIN(version), MAX(use_count), MAX(expert) "
-                  "FROM experiences GROUP BY group_id")
-        return [GroupMeta(k, int(s), int(n), int(v), int(u), bool(x)) for k, s, n, v, u, x in rows]
+        rows = ex("SELECT group_id, MIN(seq), COUNT(*), MIN(version), MAX(use_count), MAX(expert), "
+                  "MIN(batch_index) FROM experiences GROUP BY group_id")
+        return [GroupMeta(k, int(s), int(n), int(v), int(u), bool(x), int(b)) for k, s, n, v, u, x, b in rows]
 
     def __len__(self) -> int:
         with self._db.transaction(write=False) as ex:
@@ -278,8 +299,8 @@ class _SQLStore:
 
 def _encode(e: Experience) -> dict[str, Any]:
     blob, meta = e.to_bytes()
-    return {"eid": e.eid, "group_id": e.group_id, "version": e.version, "use_count": e.use_count,
-            "expert": int(e.expert), "meta": meta, "tensors": blob}
+    return {"eid": e.eid, "group_id": e.group_id, "version": e.version, "batch_index": e.batch_index,
+            "use_count": e.use_count, "expert": int(e.expert), "meta": meta, "tensors": blob}
 
 
 def _decode(rows: list, sel: Selection) -> list[Experience]:

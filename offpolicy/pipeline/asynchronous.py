@@ -11,7 +11,6 @@ synchronous runner's, bit for bit, for the same seed.
 
 from __future__ import annotations
 
-import re
 import time
 import traceback
 from pathlib import Path
@@ -116,7 +115,12 @@ def _next_report(ready, reports, proc, pending: dict) -> None:
 
 
 def _batch_index(exps) -> int:
-    return int(re.search(r"@b(\d+)", exps[0].group_id).group(1))
+    """The explorer batch a sampled batch came from (the staleness strategy returns one batch's groups)."""
+    e = exps[0].batch_index
+    if e < 0:
+        raise RuntimeError("the sampled experiences carry no batch index; the explorer must pass "
+                           "batch_index to the workflow")
+    return e
 
 
 def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,

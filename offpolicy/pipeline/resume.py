@@ -1,10 +1,12 @@
 """Resume: restore a run from its newest checkpoint, and roll back what happened after it.
 
 Restored: weights, optimiser, LR schedule, every RNG, the sample strategy, the explorer's task cursor
-and sampling generator, the step / policy version and the evaluation before training. Rolled back:
+and sampling generator (its state saved as the bytes the explorer gives), the step / policy version and
+the evaluation before training. Rolled back:
 
 - buffer rows written after the checkpoint and not yet consumed are removed (fate ``dropped`` in the
-  buffer's ledger, so they stay accounted for); the explorer regenerates from the checkpoint's cursor;
+  buffer's ledger, so they stay accounted for): the groups whose ``batch_index`` the checkpoint's
+  explorer cursor had not reached; the explorer regenerates from the checkpoint's cursor;
 - ``metrics.jsonl`` records of steps after the checkpoint move to ``metrics.rolled_back.jsonl``
   (nothing written is deleted), so the metrics file reads as one run.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,15 +30,14 @@ from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 
 
 class RollBackBatches:
-    """A one-shot sample strategy: remove the never-consumed groups of batches with index > ``last_batch``
-    (the ``@b<e>`` tag of group ids), i.e. the rows written after a checkpoint."""
+    """A one-shot sample strategy: remove the never-consumed policy groups of batches with index
+    > ``last_batch``, i.e. the rows written after a checkpoint. Groups of unknown batch (-1) stay."""
 
     def __init__(self, last_batch: int):
         self.last_batch = last_batch
 
     def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
-        late = [g.key for g in groups if g.use_count == 0 and not g.expert
-                and (m := re.search(r"@b(\d+)", g.key)) and int(m.group(1)) > self.last_batch]
+        late = [g.key for g in groups if g.use_count == 0 and not g.expert and g.batch_index > self.last_batch]
         return Selection(remove=tuple(late))
 
     def state_dict(self) -> dict[str, Any]:
@@ -70,38 +70,37 @@ def roll_back_metrics(run_dir: Path, step: int) -> int:
 
 
 def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, eval_before: dict, last_eval: float,
-                   generators: dict, next_batch: int | None = None, eval_after: dict | None = None) -> Path:
+                   next_batch: int | None = None, eval_after: dict | None = None) -> Path:
     """Save the whole run state after ``step`` (see :mod:`offpolicy.train.checkpoint`).
 
-    ``explorer_state``: the explorer's cursor before batch ``next_batch`` (default: ``step``).
+    ``explorer_state``: the explorer's cursor before batch ``next_batch`` (default: ``step``), as
+    ``Explorer.state_dict()`` gives it (its ``generator`` state is bytes and is saved as they are).
     """
-    from offpolicy.pipeline.explorer import as_generator_state
-
     state = {"version": step, "next_batch": step if next_batch is None else next_batch,
              "explorer": {"tasks_consumed": explorer_state["tasks_consumed"]},
              "strategy": strategy.state_dict(), "eval_before": eval_before, "last_eval": last_eval,
              "eval_after": eval_after}
-    generators["explorer"].set_state(as_generator_state(explorer_state["generator"]))
     return save_checkpoint(ctx.run_dir, step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                           state=state, generators=generators, keep=ctx.cfg.checkpoint.keep)
+                           state=state, generators={"explorer": explorer_state["generator"]},
+                           keep=ctx.cfg.checkpoint.keep)
 
 
-def restore_run(ctx, *, strategy, buffer, generators: dict) -> dict:
-    """Load the newest checkpoint into ``ctx``/``strategy``/``generators``; roll back buffer and metrics.
+def restore_run(ctx, *, strategy, buffer) -> dict:
+    """Load the newest checkpoint into ``ctx``/``strategy``; roll back buffer and metrics.
 
     Unconsumed buffer rows of batches the checkpoint's explorer cursor had not reached (written after
-    it) are removed. Returns the checkpoint's ``state.json`` with the explorer cursors' generators.
+    it) are removed. Returns the checkpoint's ``state.json`` whose ``explorer`` entry is the explorer's
+    cursor, ready for ``Explorer.load_state_dict`` (its ``generator`` state as bytes).
     """
     path = latest_checkpoint(ctx.run_dir)
     if path is None:
         raise FileNotFoundError(f"{ctx.run_dir} holds no checkpoint to resume from")
-    state = load_checkpoint(path, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
-                            generators=generators)
+    state = load_checkpoint(path, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler)
     strategy.load_state_dict(state["strategy"])
     step = state["step"]
     buffer.sample(0, RollBackBatches(state.get("next_batch", step) - 1), now_version=step)
     roll_back_metrics(ctx.run_dir, step)
-    state["explorer"]["generator"] = generators["explorer"].get_state()
+    state["explorer"]["generator"] = state.pop("generators")["explorer"]
     state["path"] = str(path)
     return state
 

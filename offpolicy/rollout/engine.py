@@ -2,12 +2,22 @@
 
 ``HFEngine.generate`` samples ``n`` responses for each prompt in one batch: prompts are
 left-padded, the first forward fills the cache once per prompt (indexed out to its ``n`` rows),
-then one token per forward. For every sampled
-token it records ``behav_logp`` = log softmax(logits / temperature)[token], i.e. the log-prob
-under the tempered distribution *before* top-p truncation — the same quantity the trainer
-recomputes, so that at staleness 0 the ratio is exactly 1 up to float error. (Under top-p the
-true sampling distribution is the truncated one; recording the untruncated value is the
-convention of verl and vLLM's ``logprobs`` and keeps the trainer's log-probs comparable.)
+then one token per forward. Each token is sampled from mu = the tempered distribution
+softmax(logits / temperature), truncated to the top-k tokens, then to the top-p nucleus of what is
+left, and renormalised over the kept set (the order of transformers' and vLLM's samplers).
+
+For every sampled token two log-probs are recorded:
+
+- ``behav_logp`` = log mu(token): the distribution the token was actually drawn from. Importance
+  weights pi_theta / mu need this one; with the untruncated value instead every weight of a truncated
+  sample would be off by the kept mass Z (pi / mu = Z on kept tokens, and mu = 0 elsewhere).
+- ``engine_logp`` = log softmax(logits / temperature)[token], untruncated: the quantity the trainer
+  recomputes, for measuring the engine-vs-trainer mismatch. Only kept when top-k or top-p truncates
+  (otherwise it equals ``behav_logp``).
+
+So at staleness 0 the ratio pi_theta / mu is exactly 1 (up to float error) only without truncation;
+under top-p < 1 or top-k > 0 it is Z <= 1 per token, which is the honest importance weight.
+Greedy decoding records the untempered log-prob of the argmax token (it is used for evaluation only).
 """
 
 from __future__ import annotations
@@ -20,12 +30,14 @@ import torch
 
 @dataclass
 class Rollouts:
-    """Per sequence (prompt i repeated n times, in order): response ids and their behaviour log-probs."""
+    """Per sequence (prompt i repeated n times, in order): response ids and their behaviour log-probs;
+    ``engine_logp`` the untruncated ones, None when sampling did not truncate (see the module docstring)."""
 
     prompt_index: list[int]
     response_ids: list[torch.Tensor]
     behav_logp: list[torch.Tensor]
     finished: list[bool]
+    engine_logp: list[torch.Tensor] | None = None
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +48,12 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
         ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         attn[i, P - len(p):] = 1
     return ids, attn
+
+
+def _top_k_filter(logits_BV: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Mask (to -inf) the tokens below the ``top_k``-th largest logit (ties with it are kept)."""
+    kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+    return logits_BV.masked_fill(logits_BV < kth, float("-inf"))
 
 
 def _top_p_filter(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -76,9 +94,15 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 8,
-                 temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
                  generator: torch.Generator | None = None) -> Rollouts:
-        """Sample ``n`` responses per prompt. EOS ends a response (and is part of it)."""
+        """Sample ``n`` responses per prompt. EOS ends a response (and is part of it).
+
+        ``top_k`` (0: off) then ``top_p`` (1: off) truncate the tempered distribution before sampling.
+        """
+        if top_k < 0 or not 0.0 < top_p <= 1.0:
+            raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
+        truncate = not greedy and (top_k > 0 or top_p < 1.0)
         ids, attn = _left_pad(prompts, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -94,22 +118,27 @@ class HFEngine:
                 cache, logits = self._forward(ids, attn, pos)
         B = attn.shape[0]
         next_pos = pos[:, -1:] + 1
-        tokens, logps = [], []
+        tokens, logps, engine_logps = [], [], []
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         alive_steps = torch.zeros(B, dtype=torch.long, device=self.device)
         for t in range(max_new_tokens):
             scaled = logits if greedy else logits / temperature
-            logp_BV = scaled.log_softmax(-1)
+            sample_from = scaled
+            if top_k > 0 and not greedy:
+                sample_from = _top_k_filter(sample_from, top_k)
+            if top_p < 1.0 and not greedy:
+                sample_from = _top_p_filter(sample_from, top_p)
+            behav_BV = sample_from.log_softmax(-1)  # mu: renormalised over the kept tokens
             if greedy:
-                tok = logp_BV.argmax(-1)
+                tok = behav_BV.argmax(-1)
             else:
-                sample_from = _top_p_filter(scaled, top_p) if top_p < 1.0 else scaled
                 probs = sample_from.softmax(-1)
                 tok = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(self.device)
-            lp = logp_BV.gather(-1, tok[:, None]).squeeze(-1)
+            logps.append(_picked(behav_BV, tok, done))
+            if truncate:
+                engine_logps.append(_picked(scaled.log_softmax(-1), tok, done))
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             tokens.append(tok)
-            logps.append(torch.where(done, torch.zeros_like(lp), lp))
             alive_steps += (~done).long()
             done = done | (tok == self.eos_id)
             if bool(done.all()) or t == max_new_tokens - 1:
@@ -117,13 +146,24 @@ class HFEngine:
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=self.device)], dim=1)
             cache, logits = self._forward(tok[:, None], attn, next_pos, cache)
             next_pos = next_pos + 1
-        tok_BT = torch.stack(tokens, 1).cpu()
-        lp_BT = torch.stack(logps, 1).cpu()
         lengths = alive_steps.cpu().tolist()
         return Rollouts(
             prompt_index=[i for i in range(len(prompts)) for _ in range(n)],
-            response_ids=[tok_BT[i, :L] for i, L in enumerate(lengths)],
-            behav_logp=[lp_BT[i, :L] for i, L in enumerate(lengths)],
+            response_ids=_per_row(tokens, lengths),
+            behav_logp=_per_row(logps, lengths),
             finished=done.cpu().tolist(),
+            engine_logp=_per_row(engine_logps, lengths) if truncate else None,
         )
+
+
+def _picked(logp_BV: torch.Tensor, tok_B: torch.Tensor, done_B: torch.Tensor) -> torch.Tensor:
+    """The log-prob of each row's token, 0 on rows already finished (their token becomes padding)."""
+    lp = logp_BV.gather(-1, tok_B[:, None]).squeeze(-1)
+    return torch.where(done_B, torch.zeros_like(lp), lp)
+
+
+def _per_row(steps: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
+    """Per-step (B,) tensors -> one 1-D tensor per row, cut to the row's length."""
+    x_BT = torch.stack(steps, 1).cpu()
+    return [x_BT[i, :L] for i, L in enumerate(lengths)]
 

@@ -4,8 +4,9 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` holding:
 
 - ``model.safetensors``: the policy weights (shared tensors handled by safetensors), or under LoRA
   ``adapter.safetensors``: the adapter alone (the frozen base is reloaded from ``model.path`` on resume);
-- ``trainer.pt``: optimiser and LR-schedule state, the RNG states (python, torch, the explorer's
-  sampling generator), loaded back with ``torch.load(weights_only=True)`` (no arbitrary pickle);
+- ``trainer.pt``: optimiser and LR-schedule state, the RNG states (python, torch, and named generator
+  states such as the explorer's sampling generator, as the bytes given), loaded back with
+  ``torch.load(weights_only=True)`` (no arbitrary pickle);
 - ``state.json``: step / policy version, the sample strategy's state, the explorer's progress (next
   batch index, tasks consumed), the evaluation before training, and the config it was written under.
 
@@ -44,8 +45,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, state: dict,
-                    generators: dict[str, torch.Generator], keep: int = 2) -> Path:
-    """Write the checkpoint of ``step`` atomically (temp folder + rename) and prune to the newest ``keep``."""
+                    generators: dict[str, bytes], keep: int = 2) -> Path:
+    """Write the checkpoint of ``step`` atomically (temp folder + rename) and prune to the newest ``keep``.
+
+    ``generators``: named generator states as bytes (``bytes(g.get_state().numpy())``), stored as given.
+    """
     from safetensors.torch import save_file, save_model
 
     from offpolicy.rollout.model import is_lora, trainable_state
@@ -64,7 +68,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
-        "generators": {k: g.get_state() for k, g in generators.items()},
+        "generators": {k: bytes(g) for k, g in generators.items()},
     }, tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     if final.exists():
@@ -75,8 +79,11 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
     return final
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, generators: dict[str, torch.Generator]) -> dict:
-    """Restore everything :func:`save_checkpoint` wrote into the given objects; returns ``state.json``."""
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
+                    generators: dict[str, torch.Generator] | None = None) -> dict:
+    """Restore everything :func:`save_checkpoint` wrote into the given objects; returns ``state.json``
+    with the saved generator states under ``"generators"`` (name -> bytes). ``generators``: torch
+    generators to set from the saved states of the same names as well."""
     from safetensors.torch import load_file, load_model
 
     from offpolicy.rollout.model import is_lora, load_trainable_state
@@ -96,9 +103,11 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, generators
         scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(_as_tuple(blob["python_rng"]))
-    for k, g in generators.items():
-        g.set_state(blob["generators"][k])
-    return json.loads((path / "state.json").read_text())
+    # checkpoints written before generator states were bytes hold uint8 tensors
+    saved = {k: v if isinstance(v, bytes) else bytes(v.numpy()) for k, v in blob["generators"].items()}
+    for k, g in (generators or {}).items():
+        g.set_state(torch.frombuffer(bytearray(saved[k]), dtype=torch.uint8))
+    return {**json.loads((path / "state.json").read_text()), "generators": saved}
 
 
 def _device(model) -> torch.device:

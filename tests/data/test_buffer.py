@@ -8,11 +8,11 @@ import torch
 
 from offpolicy.data.buffer import BufferFull, MemoryBuffer, open_buffer
 from offpolicy.data.experience import Experience
-from offpolicy.data.sampling import make_strategy
+from offpolicy.data.sampling import Selection, make_strategy
 from offpolicy.data.sql_buffer import SQLBuffer, SQLiteBuffer
 
 
-def group(gid, k=2, version=0, expert=False, seed=0):
+def group(gid, k=2, version=0, expert=False, seed=0, batch_index=-1):
     """K experiences of one task with every field set (distinct dtypes, optional tensors, nested info);
     eids ``{gid}-{i}`` so that two buffers fed the same calls can be compared."""
     g = torch.Generator().manual_seed(seed)
@@ -24,12 +24,14 @@ def group(gid, k=2, version=0, expert=False, seed=0):
             response_ids=torch.randint(0, 50, (T,), generator=g),
             response_mask=torch.tensor([1.0] * (T - 1) + [0.0]),
             behav_logp=-torch.rand(T, generator=g),
+            engine_logp=-torch.rand(T, generator=g) if i == 1 else None,
             old_logp=-torch.rand(T, generator=g) if i == 0 else None,
             ref_logp=-torch.rand(T, generator=g, dtype=torch.float64),
             reward=0.25 * i - 1.0 / 3.0,
             group_id=gid,
             task_id=f"task-{gid}",
             version=version,
+            batch_index=batch_index,
             created_at=1700000000.123456 + i,
             expert=expert,
             info={"correct": i == 1, "answer": "42", "nested": {"turns": [1, 2]}},
@@ -72,7 +74,7 @@ def fields_equal(a: Experience, b: Experience) -> bool:
 
 def test_round_trip_keeps_every_field(make_buffer):
     buf = make_buffer()
-    written = group("g0", k=3, version=4, seed=1)
+    written = group("g0", k=3, version=4, seed=1, batch_index=7)
     buf.put(written)
     got = buf.sample(3, make_strategy("fifo"), now_version=4)
     assert [e.eid for e in got] == [e.eid for e in written]  # insertion order within the group
@@ -95,10 +97,40 @@ def test_put_is_atomic_and_refuses_split_or_repeated_groups(make_buffer):
     mixed[1].version = 2
     with pytest.raises(ValueError, match="mixes versions"):
         buf.put(mixed)
+    mixed = group("d", batch_index=1)
+    mixed[1].batch_index = 2
+    with pytest.raises(ValueError, match="batch indices"):
+        buf.put(mixed)
     buf.sample(2, make_strategy("fifo"), now_version=0)
     with pytest.raises(ValueError, match="eids already put"):
         buf.put(group("a"))  # consumed eids stay known
     assert buf.stats() == (0, 2, 2, 2, 0, 0)
+
+
+class Recorder:
+    """A strategy that takes nothing and records what it was shown."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def select(self, groups, n, now_version):
+        self.seen = {g.key: (g.version, g.batch_index, g.size) for g in groups}
+        return Selection()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_strategies_see_each_groups_batch_index(make_buffer):
+    buf = make_buffer()
+    buf.put(group("a", version=1, batch_index=3) + group("b", k=3, version=1, batch_index=5, seed=1))
+    buf.put(group("c", seed=2))  # put by hand: batch unknown
+    rec = Recorder()
+    assert buf.sample(2, rec, now_version=1) == []
+    assert rec.seen == {"a": (1, 3, 2), "b": (1, 5, 3), "c": (0, -1, 2)}
 
 
 def test_sample_returns_whole_groups_and_nothing_when_short(make_buffer):

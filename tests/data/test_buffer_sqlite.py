@@ -3,15 +3,17 @@
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from offpolicy.data.experience import Experience
 from offpolicy.data.sampling import make_strategy
-from offpolicy.data.sql_buffer import SQLiteBuffer
+from offpolicy.data.sql_buffer import SQLBuffer, SQLiteBuffer
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -141,3 +143,44 @@ def test_resume_from_the_file_and_strategy_state_repeats_the_choices(tmp_path):
     expected = run(SQLiteBuffer(tmp_path / "a.sqlite"), mix)
     assert run(SQLiteBuffer(tmp_path / "b.sqlite"), resumed) == expected
     assert any(replayed for batch in expected for _, replayed in batch)
+
+
+# the schema before the batch_index column (a file written by an older offpolicy)
+OLD_SCHEMA = """
+CREATE TABLE experiences (seq BIGINT PRIMARY KEY, eid TEXT NOT NULL UNIQUE, group_id TEXT NOT NULL,
+  version BIGINT NOT NULL, use_count BIGINT NOT NULL, expert INTEGER NOT NULL, meta TEXT NOT NULL,
+  tensors BLOB NOT NULL);
+CREATE INDEX experiences_meta ON experiences (group_id, seq, version, use_count, expert);
+CREATE TABLE retired (eid TEXT PRIMARY KEY, version BIGINT NOT NULL, use_count BIGINT NOT NULL, fate TEXT NOT NULL);
+CREATE TABLE counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+INSERT INTO counters VALUES ('put', 2), ('sampled', 0), ('used', 0), ('dropped', 0), ('evicted', 0), ('lock', 0);
+"""
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqlalchemy"])
+def test_a_file_without_the_batch_index_column_gets_it_on_opening(tmp_path, kind):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+        for seq, e in enumerate(group(0)):
+            blob, meta = e.to_bytes()
+            meta = json.dumps({k: v for k, v in json.loads(meta).items() if k != "batch_index"})
+            conn.execute("INSERT INTO experiences VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
+                         (seq, e.eid, e.group_id, e.version, meta, blob))
+    conn.close()
+    if kind == "sqlite":
+        buf = SQLiteBuffer(path)
+    else:
+        pytest.importorskip("sqlalchemy")
+        buf = SQLBuffer(f"sqlite:///{path}")
+    new = group(1)
+    for e in new:
+        e.batch_index = 4
+    buf.put(new)
+    got = buf.sample(4, make_strategy("fifo"), now_version=1)
+    assert [(e.eid, e.batch_index) for e in got] == [("g0-0", -1), ("g0-1", -1), ("g1-0", 4), ("g1-1", 4)]
+    buf.close()
+    with sqlite3.connect(path) as conn:
+        indexed = [r[2] for r in conn.execute("PRAGMA index_info('experiences_meta')")]
+    conn.close()
+    assert "batch_index" in indexed
