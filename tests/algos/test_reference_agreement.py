@@ -195,6 +195,18 @@ def test_aggregation_matches_verl(shape, name):
     close(torch.autograd.grad(ours, logp)[0], torch.autograd.grad(theirs, logp)[0])
 
 
+@pytest.mark.parametrize("name", ["seq_mean_token_mean", "seq_mean_token_sum"])
+def test_sequence_means_vs_trinity_count_every_row(name):
+    # Trinity ``masked_loss``: the per-row token mean (count + 1e-8) or sum, then ``.mean()`` over *all*
+    # rows, the fully masked one included: ours * (rows with a token) / (all rows) == Trinity's.
+    logp, _, _, mask = batch((4, 7), seed=12)
+    m = mask.to(F64)
+    per_row = (logp * m).sum(-1) / ((m.sum(-1) + 1e-8) if name == "seq_mean_token_mean" else 1.0)
+    rows = (mask.sum(-1) > 0).sum()
+    assert rows == 3
+    close(AGGREGATIONS[name](logp, mask) * rows / 4, per_row.mean())
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dr_grpo_normaliser_is_verl_over_num_seqs(shape):
     # verl's seq-mean-token-sum-norm is sum(m*l) / T; ours also divides by the number of sequences
