@@ -52,15 +52,14 @@ def main() -> None:
                                  *args.overrides])
         ctx = build_context(cfg, None)
         torch.set_num_threads(args.threads)
-        explorer = Explorer(cfg, ctx.model, ctx.tokenizer)
+        explorer = Explorer.from_context(ctx)
         try:
             exps, _ = explorer.explore(0, version=0)
             batches = iter(range(1, 10**6))
 
             def train() -> None:
                 batch = collate(exps, ctx.tokenizer.pad_token_id)
-                train_step(ctx.model, ctx.optimizer, batch, ctx.algo, grad_clip=cfg.train.grad_clip,
-                           temperature=cfg.rollout.temperature, needs_old=ctx.needs_old)
+                train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan)
 
             for _ in range(5):  # warm-up
                 train()

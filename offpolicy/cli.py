@@ -1,4 +1,4 @@
-"""Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot | config``.
+"""Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot | presets | config``.
 
 Heavy imports (torch, transformers) happen inside the commands so ``offpolicy --help`` is instant.
 """
@@ -66,8 +66,11 @@ def _cmd_train(args) -> int:
 
     from offpolicy.pipeline import run
 
+    from offpolicy.pipeline.context import bind_algorithm
+
     console = Console()
     cfg, resume = _train_config(args)
+    bind_algorithm(cfg)  # a wrong algorithm setting fails here, before anything is printed or loaded
     console.print("[bold]resolved config[/bold]")
     console.print_json(cfg.model_dump_json())
     progress = _Progress(console) if cfg.run.progress else None
@@ -190,6 +193,17 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_presets(args) -> int:
+    from offpolicy.config import ConfigError
+    from offpolicy.presets_doc import presets_text
+
+    try:
+        print(presets_text(args.name))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offpolicy", description="Off-policy reinforcement fine-tuning of LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -243,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("section", nargs="?", help="only this section or key, e.g. train, model.lora, train.lr")
     cf.add_argument("--markdown", action="store_true", help="print Markdown (docs/config.md is this output)")
     cf.set_defaults(fn=_cmd_config)
+    ps = sub.add_parser("presets", help="every named algorithm: functions, bound parameters, log-probs read, paper")
+    ps.add_argument("name", nargs="?", help="one preset in full, e.g. grpo")
+    ps.set_defaults(fn=_cmd_presets)
     return p
 
 
@@ -250,21 +267,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from offpolicy.config import ConfigError
 
-    from offpolicy.pipeline.explorer import RewardFaultError
-    from offpolicy.pipeline.resume import RunStopped
-    from offpolicy.pipeline.trainer import NumericalFaultError
-
     try:
         return args.fn(args)
     except (ConfigError, FileNotFoundError) as e:
         print(f"offpolicy: error: {e}", file=sys.stderr)
         return 2
-    except (RewardFaultError, NumericalFaultError) as e:
-        print(f"offpolicy: stopped: {e}\n(a checkpoint of the last good state was written)", file=sys.stderr)
-        return 3
-    except RunStopped as e:
-        print(f"offpolicy: {e}", file=sys.stderr)
-        return 130
+    except RuntimeError as e:  # the run-stopping errors live with the pipeline (imported only when it ran)
+        from offpolicy.pipeline.explorer import RewardFaultError
+        from offpolicy.pipeline.resume import RunStopped
+        from offpolicy.pipeline.trainer import NumericalFaultError
+
+        if isinstance(e, (RewardFaultError, NumericalFaultError)):
+            print(f"offpolicy: stopped: {e}\n(a checkpoint of the last good state was written)", file=sys.stderr)
+            return 3
+        if isinstance(e, RunStopped):
+            print(f"offpolicy: {e}", file=sys.stderr)
+            return 130
+        raise
 
 
 if __name__ == "__main__":

@@ -69,7 +69,45 @@ class RolloutConfig(_Section):
     group_size: int = Field(8, ge=1, description="Responses sampled per task (K).")
     max_new_tokens: int = Field(5, ge=1, description="Maximum response length.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer uses the same one).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold. Below 1, behav_logp is the log-prob under the truncated, renormalised distribution actually sampled from.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only (0 = off); behav_logp as for top_p.")
+
+
+class ReplayConfig(_Section):
+    """ReMix replay (a preset's ``replay`` recipe): each field None = the preset's value."""
+
+    enabled: bool | None = Field(None, description="None: as the preset (remix: on, others: no such recipe); false: off.")
+    mix_prob: float | None = Field(None, ge=0, le=1, description="Fraction of each batch's groups replayed from past policies' data (sets buffer.strategy=mix, p; remix: 0.4).")
+    num_past_policies: int | None = Field(None, ge=1, description="Replay window: data of the last N policy versions (the mix strategy's window; remix: 2).")
+    update_to_data: int | None = Field(None, ge=1, description="Optimiser passes over each batch (fills train.updates_per_batch unless set; remix: 2).")
+
+
+class KLConvexConfig(_Section):
+    """ReMix KL-Convex schedule (a preset's ``kl_convex`` recipe): each field None = the preset's value."""
+
+    enabled: bool | None = Field(None, description="None: as the preset (remix: on); false: plain KL to the reference. Needs kl_coef > 0.")
+    start: int | None = Field(None, ge=0, description="lambda(t) = 1 up to this step (remix: 50).")
+    every: int | None = Field(None, ge=1, description="lambda drops every N steps after start (remix: 10).")
+    drop: float | None = Field(None, ge=0, le=1, description="Drop of lambda per period (remix: 0.1).")
+    floor: float | None = Field(None, ge=0, le=1, description="Lowest lambda (remix: 0.5).")
+
+
+class SelfImitationConfig(_Section):
+    """SPEAR self-imitation (a preset's ``self_imitation`` recipe): each field None = the preset's value."""
+
+    enabled: bool | None = Field(None, description="None: as the preset (spear: on, which is not wired yet and is refused at start-up); false: off.")
+    horizon: int | None = Field(None, ge=1, description="Steps over which the self-imitation weight ramps 0 -> 1 (spear: 100).")
+    tolerate_steps: int | None = Field(None, ge=0, description="Evict replay entries more than N steps older than the newest (spear: 10).")
+    replay_factor: float | None = Field(None, gt=0, description="Replay when candidates above the median exceed factor x buffer size (spear: 1.5).")
+
+
+class ToolRewardConfig(_Section):
+    """SPEAR intrinsic tool-call reward (a preset's ``tool_reward`` recipe): each field None = the preset's value."""
+
+    enabled: bool | None = Field(None, description="None: as the preset (spear: on, which is not wired yet and is refused at start-up); false: off.")
+    coef: float | None = Field(None, ge=0, description="Reward per tool call at step 0 (spear: 0.1).")
+    max_calls: int | None = Field(None, ge=0, description="Calls counted at most (spear: 10).")
+    horizon: int | None = Field(None, ge=1, description="Steps over which the tool-call reward decays 1 -> 0 (spear: 200).")
 
 
 class AlgorithmConfig(_Section):
@@ -80,7 +118,11 @@ class AlgorithmConfig(_Section):
     kl_coef: float | None = Field(None, ge=0, description="KL-to-reference coefficient (reference = initial policy); None = the preset's; 0 = off, no reference forward.")
     kl_estimator: str | None = Field(None, description="KL estimator (offpolicy.algos.KL_ESTIMATORS); None = the preset's.")
     entropy_coef: float = Field(0.0, description="Entropy bonus coefficient (loss -= coef * entropy).")
-    extra_params: dict[str, Any] = Field({}, description="Overrides of the preset's extra settings (e.g. ReMix's reincarnation_step, kl_convex_schedule; see docs/algorithms.md).")
+    replay: ReplayConfig = Field(ReplayConfig(), description="ReMix replay recipe (presets that have one: remix).")
+    kl_convex: KLConvexConfig = Field(KLConvexConfig(), description="ReMix KL-Convex schedule of the KL term (presets that have one: remix).")
+    reincarnation_step: int | None = Field(None, ge=0, description="ReMix policy reincarnation at step T: the KL base becomes pi_T and replay stops; None = the preset's (remix: 50), 0 = never.")
+    self_imitation: SelfImitationConfig = Field(SelfImitationConfig(), description="SPEAR self-imitation replay (presets that have one: spear; not wired yet).")
+    tool_reward: ToolRewardConfig = Field(ToolRewardConfig(), description="SPEAR tool-call reward schedule (presets that have one: spear; not wired yet).")
 
 
 class TrainConfig(_Section):

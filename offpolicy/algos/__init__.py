@@ -1,10 +1,10 @@
 """offpolicy.algos: the pure tensor math of off-policy RL fine-tuning (torch only).
 
 Families (plain dicts, see :mod:`.registry`): ``ADVANTAGES``, ``POLICY_LOSSES``, ``AGGREGATIONS``,
-``KL_ESTIMATORS``, ``PRESETS``. Shape suffixes: ``_N`` flat samples, ``_B`` sequences, ``_BT`` tokens.
+``REGULARIZERS``, ``KL_ESTIMATORS``, ``PRESETS``. Shape suffixes: ``_N`` flat samples, ``_B`` sequences, ``_BT`` tokens.
 """
 
-from . import advantages, aggregation, bapo, kl, losses_pg, rec, remix, spear  # noqa: F401  (register)
+from . import advantages, aggregation, bapo, kl, losses_pg, rec, regularizers, remix, spear  # noqa: F401  (register)
 from .advantages import group_stats, red_drop_keep
 from .bapo import bapo_bounds, bapo_search_path
 from .dpo import DPOOut, dpo_loss
@@ -13,16 +13,18 @@ from .losses_pg import clipped_surrogate
 from .remix import kl_convex, kl_convex_lambda
 from .spear import (clip_cov_mask, recalibrate_advantages, replay_ready, replay_sample_size, sil_weight,
                     tool_call_reward, tool_call_reward_weight)
-from .presets import Preset, resolve_preset
-from .registry import (ADVANTAGES, AGGREGATIONS, FAMILIES, KL_ESTIMATORS, POLICY_LOSSES, PRESETS, bind,
-                       check_params, register)
+from .presets import (KLConvexSettings, Preset, ReplaySettings, SelfImitationSettings, ToolRewardSettings,
+                      resolve_preset)
+from .registry import (ADVANTAGES, AGGREGATIONS, FAMILIES, KL_ESTIMATORS, LOGPROBS, POLICY_LOSSES, PRESETS,
+                       REGULARIZERS, bind, check_params, reads_of, register)
 from .types import LossInputs, LossOut
 
 __all__ = [
-    "ADVANTAGES", "AGGREGATIONS", "FAMILIES", "KL_ESTIMATORS", "POLICY_LOSSES", "PRESETS",
-    "DPOOut", "LossInputs", "LossOut", "Preset",
+    "ADVANTAGES", "AGGREGATIONS", "FAMILIES", "KL_ESTIMATORS", "LOGPROBS", "POLICY_LOSSES", "PRESETS", "REGULARIZERS",
+    "DPOOut", "KLConvexSettings", "LossInputs", "LossOut", "Preset", "ReplaySettings", "SelfImitationSettings",
+    "ToolRewardSettings",
     "bapo_bounds", "bapo_search_path", "bind", "check_params", "clip_cov_mask", "clipped_surrogate",
     "dpo_loss", "entropy_from_logits", "group_stats", "kl_convex", "kl_convex_lambda",
-    "recalibrate_advantages", "red_drop_keep", "register", "replay_ready", "replay_sample_size",
+    "recalibrate_advantages", "reads_of", "red_drop_keep", "register", "replay_ready", "replay_sample_size",
     "resolve_preset", "sil_weight", "tool_call_reward", "tool_call_reward_weight",
 ]

@@ -16,6 +16,7 @@ std 1, so it never produces NaN (its advantage is its reward).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from torch import Tensor
 from .registry import builtin
 
 GRPO_EPS = 1e-6
+Drop = Literal["none", "balance"]
 
 
 def group_index(group_ids_N: Tensor) -> tuple[Tensor, int]:
@@ -79,7 +81,7 @@ def red_drop_keep(rewards_N: Tensor, group_ids_N: Tensor,
 
 
 @builtin("advantage", "group_mean")
-def group_mean(rewards_N: Tensor, group_ids_N: Tensor, *, drop: str = "none",
+def group_mean(rewards_N: Tensor, group_ids_N: Tensor, *, drop: Drop = "none",
                generator: torch.Generator | None = None) -> Tensor:
     """``A_i = r_i - mean_group(r)``, (N,) -> (N,). ``drop="balance"`` applies RED-Drop first."""
     keep_N = _keep(rewards_N, group_ids_N, drop, generator)
@@ -88,7 +90,7 @@ def group_mean(rewards_N: Tensor, group_ids_N: Tensor, *, drop: str = "none",
 
 
 @builtin("advantage", "grpo")
-def grpo(rewards_N: Tensor, group_ids_N: Tensor, *, unbiased_std: bool = True, drop: str = "none",
+def grpo(rewards_N: Tensor, group_ids_N: Tensor, *, unbiased_std: bool = True, drop: Drop = "none",
          generator: torch.Generator | None = None) -> Tensor:
     """``A_i = (r_i - mean) / (std + 1e-6)``, (N,) -> (N,).
 
@@ -100,7 +102,7 @@ def grpo(rewards_N: Tensor, group_ids_N: Tensor, *, unbiased_std: bool = True, d
     return torch.where(keep_N, adv_N, torch.zeros_like(adv_N))
 
 
-def _keep(rewards_N: Tensor, group_ids_N: Tensor, drop: str,
+def _keep(rewards_N: Tensor, group_ids_N: Tensor, drop: Drop,
           generator: torch.Generator | None) -> Tensor:
     if drop == "balance":
         return red_drop_keep(rewards_N, group_ids_N, generator)
@@ -118,7 +120,7 @@ def rloo(rewards_N: Tensor, group_ids_N: Tensor) -> Tensor:
 
 
 @builtin("advantage", "opmd_baseline")
-def opmd_baseline(rewards_N: Tensor, group_ids_N: Tensor, *, baseline: str = "mean",
+def opmd_baseline(rewards_N: Tensor, group_ids_N: Tensor, *, baseline: Literal["mean", "logavgexp"] = "mean",
                   tau: float = 1.0) -> Tensor:
     """Kimi k1.5 OPMD baseline: ``b = mean(r)`` or ``b = tau * log((1/K) sum_j exp(r_j / tau))``.
 

@@ -16,10 +16,12 @@ meets the target is picked with tensor ops (no host sync). Bounds are reset at e
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from .losses_pg import clip_stats, clipped_surrogate, denominator
+from .losses_pg import RatioTo, clip_stats, clipped_surrogate, denominator, reads_denominator
 from .registry import builtin
 from .types import LossInputs, LossOut, finish, log_ratio, prepare, ratio_of, ratio_stats
 
@@ -90,11 +92,11 @@ def bapo_bounds(ratio_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, *, rho0: floa
     return lows_K[k], highs_K[k], frac_K[k]
 
 
-@builtin("policy_loss", "bapo")
+@builtin("policy_loss", "bapo", reads=reads_denominator)
 def bapo(logp_BT: Tensor, inputs: LossInputs, *, rho0: float = 0.4,
          low_range: tuple[float, float] = (0.6, 0.9), high_range: tuple[float, float] = (1.2, 3.0),
-         step_low: float = 0.02, step_high: float = 0.05, search: str = "paper",
-         dual_clip: float | None = None, ratio_to: str = "old") -> LossOut:
+         step_low: float = 0.02, step_high: float = 0.05, search: Literal["paper", "code"] = "paper",
+         dual_clip: float | None = None, ratio_to: RatioTo = "old") -> LossOut:
     """BAPO per-token loss; stats carry the chosen ``bapo_c_low``, ``bapo_c_high`` and ``bapo_frac``.
 
     The official code also applies a dual clip with c = 3 (pass ``dual_clip=3.0`` to match); the paper

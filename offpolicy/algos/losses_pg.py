@@ -7,6 +7,8 @@ any nonlinearity, so junk there never reaches a value or a gradient.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -15,6 +17,12 @@ from .types import (LossInputs, LossOut, clean, finish, log_ratio, masked_frac, 
                     require)
 
 _DENOMS = {"old": "old_logp", "behav": "behav_logp"}
+RatioTo = Literal["old", "behav"]
+
+
+def reads_denominator(params: dict) -> tuple[str, ...]:
+    """Declared input of a loss whose ratio is taken against ``_DENOMS[ratio_to]``."""
+    return (_DENOMS[params["ratio_to"]],)
 
 
 def denominator(inputs: LossInputs, ratio_to: str, loss: str) -> Tensor:
@@ -55,7 +63,7 @@ def clip_stats(flags: dict[str, Tensor], m_BT: Tensor) -> dict[str, Tensor]:
     return stats
 
 
-@builtin("policy_loss", "reinforce")
+@builtin("policy_loss", "reinforce", reads=("behav_logp",))
 def reinforce(logp_BT: Tensor, inputs: LossInputs) -> LossOut:
     """REINFORCE ``-A * logp`` (on-policy, no ratio). Logs ratio stats vs ``behav_logp`` if present."""
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)
@@ -65,9 +73,9 @@ def reinforce(logp_BT: Tensor, inputs: LossInputs) -> LossOut:
     return finish(-adv_BT * logp_BT, m_BT, stats)
 
 
-@builtin("policy_loss", "ppo_clip")
+@builtin("policy_loss", "ppo_clip", reads=reads_denominator)
 def ppo_clip(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, eps_high: float = 0.2,
-             dual_clip: float | None = None, ratio_to: str = "old") -> LossOut:
+             dual_clip: float | None = None, ratio_to: RatioTo = "old") -> LossOut:
     """PPO-clip ``-min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A)``, rho = exp(logp - denom) differentiable.
 
     GRPO (eps 0.2) and DAPO (clip-higher, eps_high 0.28; arXiv 2503.14476) differ only in eps and in the
@@ -79,9 +87,9 @@ def ppo_clip(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, eps_h
     return finish(loss_BT, m_BT, {**clip_stats(flags, m_BT), **ratio_stats(lr_BT, m_BT)})
 
 
-@builtin("policy_loss", "gspo")
+@builtin("policy_loss", "gspo", reads=reads_denominator)
 def gspo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4,
-         ratio_to: str = "old") -> LossOut:
+         ratio_to: RatioTo = "old") -> LossOut:
     """GSPO (arXiv 2507.18071), sequence ratio ``s_i = exp(mean_t(logp - denom))`` clipped at 1 -/+ eps.
 
     Implemented as the paper's GSPO-token form ``log s_{i,t} = logp - sg[logp] + sg[log s_i]``: the value
@@ -104,9 +112,9 @@ def gspo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 3e-4, eps_high
     return finish(loss_BT, m_BT, {**clip_stats(flags, m_BT), **ratio_stats(log_s_BT, m_BT)})
 
 
-@builtin("policy_loss", "cispo")
+@builtin("policy_loss", "cispo", reads=reads_denominator)
 def cispo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 1.0, eps_high: float = 0.28,
-          ratio_to: str = "old") -> LossOut:
+          ratio_to: RatioTo = "old") -> LossOut:
     """CISPO (MiniMax-M1, arXiv 2506.13585): ``-sg(clip(rho, 1-eps_low, 1+eps_high)) * A * logp``.
 
     The weight is truncated, never the gradient. Default ``eps_low = 1`` = no lower bound, as in the paper.
@@ -119,9 +127,10 @@ def cispo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 1.0, eps_high
     return finish(-w_BT * adv_BT * logp_BT, m_BT, {**clip_stats(flags, m_BT), **ratio_stats(lr_BT, m_BT)})
 
 
-@builtin("policy_loss", "decoupled_ppo")
+@builtin("policy_loss", "decoupled_ppo", reads=("old_logp", "behav_logp"))
 def decoupled_ppo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, eps_high: float = 0.2,
-                  cap: float = 3.0, level: str = "token", mode: str = "truncate",
+                  cap: float = 3.0, level: Literal["token", "sequence"] = "token",
+                  mode: Literal["truncate", "mask"] = "truncate",
                   dual_clip: float | None = None) -> LossOut:
     """Decoupled PPO (AReaL, arXiv 2505.24298): PPO-clip against ``old_logp`` (proximal policy), times
     the behaviour weight ``w = exp(old_logp - behav_logp)`` (sg), ``min(w, cap)`` (``mode="truncate"``)
@@ -149,14 +158,14 @@ def decoupled_ppo(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, 
     return finish(w_BT * loss_BT, m_BT, stats)
 
 
-@builtin("policy_loss", "sft")
+@builtin("policy_loss", "sft", reads=())
 def sft(logp_BT: Tensor, inputs: LossInputs) -> LossOut:
     """Supervised fine-tuning: negative log-likelihood ``-logp`` (the advantage is ignored)."""
     m_BT, logp_BT, _ = prepare(logp_BT, inputs)
     return finish(-logp_BT, m_BT, {})
 
 
-@builtin("policy_loss", "opmd_legacy")
+@builtin("policy_loss", "opmd_legacy", reads=())
 def opmd_legacy(logp_BT: Tensor, inputs: LossInputs, *, tau: float = 1.0) -> LossOut:
     """Trinity-RFT's older standalone OPMD loss ``-A * logp / (1 + tau)``; use with ``opmd_baseline``."""
     m_BT, logp_BT, adv_BT = prepare(logp_BT, inputs)

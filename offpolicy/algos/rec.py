@@ -8,15 +8,17 @@ The denominator is ``behav_logp`` (the rollout engine's log-probs), as in the of
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from .registry import builtin
+from .registry import REGULARIZERS, builtin
 from .types import LossInputs, LossOut, finish, log_ratio, masked_frac, prepare, ratio_of, ratio_stats, require
 
-CLIP_MODES = ("none", "one_side", "two_side", "ring")
-WEIGHTS = ("none", "importance_sampling", "advantage")
-REGULARIZERS = ("none", "forward_kl", "k2")
+ClipMode = Literal["none", "one_side", "two_side", "ring"]
+Weight = Literal["none", "importance_sampling", "advantage"]
+Regularizer = Literal["none", "forward_kl", "k2"]
 
 
 def rec_keep(rho_BT: Tensor, adv_BT: Tensor, clip_mode: str, eps_low: float, eps_high: float,
@@ -39,7 +41,7 @@ def rec_keep(rho_BT: Tensor, adv_BT: Tensor, clip_mode: str, eps_low: float, eps
         if clip_mode == "ring":
             outer_BT = (pos_BT & (rho_BT <= 1 - eps_low_outer)) | (neg_BT & (rho_BT >= 1 + eps_high_outer))
         return {"clip_high": above_BT & ~outer_BT, "clip_low": below_BT & ~outer_BT}
-    raise ValueError(f"rec: clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+    raise ValueError(f"rec: unknown clip_mode {clip_mode!r}")
 
 
 def rec_weight(rho_BT: Tensor, adv_BT: Tensor, weight: str, temp: float) -> Tensor:
@@ -51,25 +53,13 @@ def rec_weight(rho_BT: Tensor, adv_BT: Tensor, weight: str, temp: float) -> Tens
         return rho_BT
     if weight == "advantage":
         return torch.exp(adv_BT / temp)
-    raise ValueError(f"rec: weight must be one of {WEIGHTS}, got {weight!r}")
+    raise ValueError(f"rec: unknown weight {weight!r}")
 
 
-def rec_regularizer(logp_BT: Tensor, lr_BT: Tensor, regularizer: str, reg_coef: float) -> Tensor:
-    """``R``: ``-c*logp`` (``forward_kl``, AsymRE) or ``c*(logp - behav_logp)**2`` (``k2``, Kimi OPMD,
-    the 1/2 folded into c); ``lr_BT`` is ``logp - behav_logp`` with its graph."""
-    if regularizer == "none":
-        return torch.zeros_like(logp_BT)
-    if regularizer == "forward_kl":
-        return -reg_coef * logp_BT
-    if regularizer == "k2":
-        return reg_coef * lr_BT ** 2
-    raise ValueError(f"rec: regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
-
-
-@builtin("policy_loss", "rec")
-def rec(logp_BT: Tensor, inputs: LossInputs, *, clip_mode: str = "one_side", weight: str = "none",
+@builtin("policy_loss", "rec", reads=("behav_logp",))
+def rec(logp_BT: Tensor, inputs: LossInputs, *, clip_mode: ClipMode = "one_side", weight: Weight = "none",
         eps_low: float = 0.2, eps_high: float = 0.2, eps_low_outer: float = 0.6, eps_high_outer: float = 2.0,
-        regularizer: str = "none", reg_coef: float = 0.1, temp: float = 1.0) -> LossOut:
+        regularizer: Regularizer = "none", reg_coef: float = 0.1, temp: float = 1.0) -> LossOut:
     """REC loss ``-w * A * m * logp + R`` per token (aggregate with ``token_mean``).
 
     Defaults are REC-OneSide-NoIS, the paper's default. ``behav_logp`` is needed only when a clip mode,
@@ -88,7 +78,9 @@ def rec(logp_BT: Tensor, inputs: LossInputs, *, clip_mode: str = "one_side", wei
         keep_BT = keep_BT & ~flag_BT
     w_BT = rec_weight(rho_BT, adv_BT, weight, temp)
     pg_BT = torch.where(keep_BT, -w_BT * adv_BT * logp_BT, torch.zeros_like(logp_BT))
-    loss_BT = pg_BT + rec_regularizer(logp_BT, lr_BT, regularizer, reg_coef)
+    loss_BT = pg_BT
+    if regularizer != "none":  # R: the regulariser family's forward_kl (AsymRE) or k2 (OPMD), per token
+        loss_BT = loss_BT + REGULARIZERS[regularizer](logp_BT, inputs, coef=reg_coef).loss_BT
     stats = {f"{k}_frac": masked_frac(v, m_BT) for k, v in dropped.items()}
     stats["clip_frac"] = masked_frac(~keep_BT, m_BT)
     if needs_ratio or inputs.behav_logp is not None:

@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .losses_pg import clip_stats, clipped_surrogate, denominator
+from .losses_pg import RatioTo, clip_stats, clipped_surrogate, denominator, reads_denominator
 from .registry import builtin
 from .types import LossInputs, LossOut, finish, log_ratio, masked_frac, prepare, ratio_of, ratio_stats
 
@@ -92,9 +92,9 @@ def clip_cov_mask(logp_BT: Tensor, adv_BT: Tensor, mask_BT: Tensor, clipped_BT: 
     return cand_BT & (rank.view(m_BT.shape) < num)
 
 
-@builtin("policy_loss", "sil")
+@builtin("policy_loss", "sil", reads=reads_denominator)
 def sil(logp_BT: Tensor, inputs: LossInputs, *, eps_low: float = 0.2, eps_high: float = 0.2,
-        cov_ratio: float = 0.02, cov_lb: float = 1.0, cov_ub: float = 5.0, ratio_to: str = "behav",
+        cov_ratio: float = 0.02, cov_lb: float = 1.0, cov_ub: float = 5.0, ratio_to: RatioTo = "behav",
         generator: torch.Generator | None = None) -> LossOut:
     """SPEAR loss: PPO-clip with Clip-Cov. Replay (default): ratio to the stored ``behav_logp``,
     ``cov_ratio = 0.02``; on-policy: ``ratio_to="old"``, ``cov_ratio = 2e-4``. Aggregate with

@@ -14,11 +14,14 @@ from torch import Tensor
 
 
 class LossInputs(NamedTuple):
-    """Inputs of a policy loss. ``adv`` is (B,) (broadcast over T) or (B, T); ``mask`` is (B, T).
+    """Inputs of a policy loss or regulariser. ``adv`` is (B,) (broadcast over T) or (B, T); ``mask`` is (B, T).
 
-    ``old_logp``: proximal log-probs recomputed at the start of the step; ``behav_logp``: recorded by
-    the rollout engine; ``ref_logp``: frozen reference; ``center_logp``: the policy that centres the
-    ReMix clip window (pi_k). Each optional field is (B, T) or None.
+    ``old_logp``: PPO's pi_old (the proximal policy, or the sampling policy; the step plan says which);
+    ``behav_logp``: recorded by the rollout engine under the distribution it sampled from;
+    ``ref_logp``: frozen reference; ``center_logp``: the policy that centres the ReMix clip window
+    (pi_k); ``prev_logp``: the previous step's policy pi_{k-1} (KL-Convex); ``entropy``: the current
+    policy's per-token entropy (carries the gradient). Each optional tensor is (B, T) or None.
+    ``step``: the trainer step (1-based), for scheduled terms.
     """
 
     adv: Tensor
@@ -27,6 +30,9 @@ class LossInputs(NamedTuple):
     behav_logp: Tensor | None = None
     ref_logp: Tensor | None = None
     center_logp: Tensor | None = None
+    prev_logp: Tensor | None = None
+    entropy: Tensor | None = None
+    step: int = 0
 
 
 class LossOut(NamedTuple):

@@ -19,11 +19,11 @@ import torch
 import torch.multiprocessing as mp
 
 from offpolicy.config import Config
-from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
+from offpolicy.pipeline.context import build_context, open_run_buffer, reward_function, task_source
 from offpolicy.pipeline.explorer import Explorer, weights_version
 from offpolicy.pipeline.replay import apply_preset_defaults, sample_strategy
-from offpolicy.pipeline.resume import RunStopped, StopRequest, checkpoint_run, restore_run
-from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
+from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
+from offpolicy.pipeline.trainer import RunResult, TrainLoop
 from offpolicy.pipeline.weights import WeightChannel
 
 
@@ -63,7 +63,9 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports,
             return
         channel.attach(job["tensors"])
         buffer, start = job["buffer"], job["start"]
-        explorer = Explorer(cfg, model, tokenizer, run_dir=Path(job["run_dir"]))
+        tasks, _ = task_source(cfg, tokenizer)  # built once, in this process
+        explorer = Explorer(cfg, model, tokenizer, tasks=tasks, reward_fn=reward_function(cfg),
+                            run_dir=Path(job["run_dir"]))
         if start["explorer"] is not None:
             explorer.load_state_dict(start["explorer"])
         loaded = -1
@@ -123,6 +125,47 @@ def _batch_index(exps) -> int:
     return e
 
 
+class _ExplorerProcess:
+    """The explorer process and its hand-offs: the weight channel, the job queue, the batch reports."""
+
+    def __init__(self, cfg: Config):
+        import os
+
+        mpc = mp.get_context("spawn")
+        self.channel = WeightChannel(mpc)
+        self.ready, self.reports, self.stop_event, self.setup = mpc.Semaphore(0), mpc.Queue(), mpc.Event(), mpc.Queue()
+        self.setup.cancel_join_thread()  # an explorer that died before reading its job must not block our exit
+        self.pending: dict[int, dict] = {}
+        # not a daemon: the explorer starts its own reward worker; stop() always ends it
+        self.proc = mpc.Process(target=_explorer_main, name="offpolicy-explorer", daemon=False,
+                                args=(cfg.model_dump_json(), self.channel, self.setup, self.ready, self.reports,
+                                      self.stop_event, os.getpid()))
+        self.proc.start()
+
+    def send_job(self, ctx, buffer, start: dict) -> None:
+        """Publish the weights the explorer starts from and hand it the rest of its job."""
+        slot = self.channel.allocate(ctx.model)
+        self.channel.publish(ctx.model, start["min_version"], after_loaded=None)
+        if start["min_version"]:  # the explorer may need only newer versions; do not wait for it to load this
+            self.channel.mark_loaded(start["min_version"])
+        self.setup.put({"tensors": slot, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
+
+    def next_batch(self, buffer, strategy, rows: int, now_version: int) -> tuple[list, dict]:
+        """Block until the buffer yields the batch for ``now_version``; (its rows, the explorer's report)."""
+        while not (exps := buffer.sample(rows, strategy, now_version=now_version)):
+            _next_report(self.ready, self.reports, self.proc, self.pending)
+        e = _batch_index(exps)
+        while e not in self.pending:  # the explorer reports each batch right after putting it
+            _next_report(self.ready, self.reports, self.proc, self.pending)
+        return exps, self.pending.pop(e)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
 def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,
               log=print) -> RunResult:
     """Train up to ``cfg.train.steps`` steps with the explorer in a separate process (see the module docstring).
@@ -133,105 +176,73 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     use the checkpoint's weights where the schedule names an older version (older weights are not
     saved), so their staleness can be below ``sync_offset`` for a few steps.
     """
-    import os
-
     cfg = apply_preset_defaults(cfg)
-    p = cfg.pipeline
-    mpc = mp.get_context("spawn")
     # the explorer starts first: its start-up (imports, its model) overlaps the trainer's own set-up
-    channel = WeightChannel(mpc)
-    ready, reports, stop, setup = mpc.Semaphore(0), mpc.Queue(), mpc.Event(), mpc.Queue()
-    setup.cancel_join_thread()  # an explorer that died before reading its job must not block our exit
-    # not a daemon: the explorer starts its own reward worker; the finally below always stops it
-    proc = mpc.Process(target=_explorer_main, name="offpolicy-explorer", daemon=False,
-                       args=(cfg.model_dump_json(), channel, setup, ready, reports, stop, os.getpid()))
-    proc.start()
+    explorer = _ExplorerProcess(cfg)
     opened: list = []  # the buffer and the train loop, closed last first
     try:
         ctx = build_context(cfg, run_dir, resume=resume)
         log(f"run directory: {ctx.run_dir}")
-        log(describe_logprobs(ctx))
+        log(ctx.plan.describe())
         buffer = open_run_buffer(cfg, ctx.run_dir)
         opened.append(buffer)
         strategy = sample_strategy(cfg)
-        state, gens = None, {"explorer": torch.Generator()}
-        start = {"batch": 0, "explorer": None}
+        state, start = None, {"batch": 0, "explorer": None, "min_version": 0}
         if resume:
-            state = restore_run(ctx, strategy=strategy, buffer=buffer, generators=gens)
-            start = {"batch": state["next_batch"], "explorer": state["explorer"]}
+            state = restore_run(ctx, strategy=strategy, buffer=buffer)
+            start = {"batch": state["next_batch"], "explorer": state["explorer"], "min_version": state["step"]}
             log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
                 f"{start['batch']}")
-        first = (state or {}).get("step", 0)
-        start.update(min_version=first)
-        slot = channel.allocate(ctx.model)
-        channel.publish(ctx.model, first, after_loaded=None)
-        if first:
-            channel.mark_loaded(first)  # the explorer may need only newer versions; do not wait for it to load this
-        setup.put({"tensors": slot, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
-        rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-        last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
-        loop = TrainLoop(ctx, progress=progress, resumed=state)
+        explorer.send_job(ctx, buffer, start)
+        loop = TrainLoop(ctx, strategy, progress=progress, resumed=state)
         opened.append(loop)
-        pending: dict[int, dict] = {}
-        # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint)
-        cursor = {start["batch"] - 1: start["explorer"]} if state else {}
-
-        def prune(keep_from: int) -> None:
-            for old in [k for k in cursor if k < keep_from]:
-                del cursor[old]
-
-        def save(step: int, eval_after: dict | None = None) -> None:
-            # The explorer's cursor after the batch trained at ``step``: a resume rolls back every batch
-            # not yet consumed (the few the explorer wrote ahead) and regenerates from there, in order.
-            checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy,
-                           eval_before=loop.eval_before, last_eval=loop.last_eval, generators=gens,
-                           next_batch=step, eval_after=eval_after)
-
-        with StopRequest() as stop_request:
-            t_prev = time.perf_counter()
-            for step in range(first + 1, cfg.train.steps + 1):
-                t_wait = time.perf_counter()
-                try:
-                    while not (exps := buffer.sample(rows, strategy, now_version=step - 1)):
-                        _next_report(ready, reports, proc, pending)
-                    e = _batch_index(exps)
-                    while e not in pending:  # the explorer reports each batch right after putting it
-                        _next_report(ready, reports, proc, pending)
-                except RuntimeError:
-                    if step > first + 1:
-                        save(step - 1)
-                    raise
-                idle_s = time.perf_counter() - t_wait
-                report = pending.pop(e, {"batch": e})
-                if "state" in report:
-                    cursor[e] = report.pop("state")
-                prune(e)  # a checkpoint needs the cursor of the batch just trained only
-                record = loop.train(exps, step)
-                publish_wait = publish_s = 0.0
-                if step % p.sync_interval == 0 and step <= last_needed:
-                    publish_wait, publish_s = channel.publish(ctx.model, step, after_loaded=step - p.sync_interval)
-                now = time.perf_counter()
-                timings = {k: v for k, v in report.items() if k != "batch"}
-                try:
-                    loop.log(record, {**timings, "trainer_idle_s": idle_s, "publish_s": publish_s,
-                                      "publish_wait_s": publish_wait, "step_s": now - t_prev})
-                except NumericalFaultError:
-                    save(step)
-                    raise
-                if stop_request.requested or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    save(step)
-                if stop_request.requested:
-                    raise RunStopped(f"stopped by {stop_request.requested} after step {step}; checkpoint "
-                                     f"written, resume with: offpolicy train --resume {ctx.run_dir}")
-                # the next step's clock starts here: evaluation and checkpoints are not step time (as in sync)
-                t_prev = time.perf_counter()
-            result = loop.finish()
-            save(cfg.train.steps, result.eval_after)
-            return result
+        return _train(ctx, explorer, buffer, strategy, loop, start, state)
     finally:
-        stop.set()
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.terminate()
+        explorer.stop()
         for obj in reversed(opened):
             obj.close()
+
+
+def _train(ctx, explorer: _ExplorerProcess, buffer, strategy, loop: TrainLoop, start: dict,
+           state: dict | None) -> RunResult:
+    """The trainer side of an async run: take each batch as the explorer writes it, train, publish."""
+    cfg, p = ctx.cfg, ctx.cfg.pipeline
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
+    first = start["min_version"]
+    # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint);
+    # a checkpoint at step s stores the cursor after batch s - 1: a resume rolls back every batch not yet
+    # consumed (the few the explorer wrote ahead) and regenerates from there, in order
+    cursor = {start["batch"] - 1: start["explorer"]} if state else {}
+
+    def save(step: int, eval_after: dict | None = None) -> None:
+        checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy, eval_before=loop.eval_before,
+                       last_eval=loop.last_eval, next_batch=step, eval_after=eval_after)
+
+    with StopRequest() as stop:
+        t0 = time.perf_counter()
+        for step in range(first + 1, cfg.train.steps + 1):
+            t_wait = time.perf_counter()
+            try:
+                exps, report = explorer.next_batch(buffer, strategy, rows, now_version=step - 1)
+            except RuntimeError:
+                if step > first + 1:
+                    save(step - 1)
+                raise
+            idle_s = time.perf_counter() - t_wait
+            e = report.pop("batch")
+            cursor[e] = report.pop("state")
+            for old in [k for k in cursor if k < e]:  # a checkpoint needs the cursor of the batch just trained only
+                del cursor[old]
+
+            def publish(step=step) -> dict:
+                wait = publish_s = 0.0
+                if step % p.sync_interval == 0 and step <= last_needed:
+                    wait, publish_s = explorer.channel.publish(ctx.model, step, after_loaded=step - p.sync_interval)
+                return {"publish_s": publish_s, "publish_wait_s": wait}
+
+            loop.step(step, exps, t0, {**report, "trainer_idle_s": idle_s}, save=save, stop=stop, after_train=publish)
+            t0 = time.perf_counter()  # evaluation and checkpoints are not step time (as in sync)
+        result = loop.finish()
+        save(cfg.train.steps, result.eval_after)
+        return result

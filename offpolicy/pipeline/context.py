@@ -188,54 +188,38 @@ class RunContext:
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
-    algo: object
+    algo: object  # offpolicy.train.algorithm.Algorithm
+    plan: object  # offpolicy.train.plan.StepPlan
     ref_model: object | None  # callable like the policy (a frozen copy, or the LoRA policy with its adapter off)
+    train_tasks: Iterator  # the endless training-task stream (the sync explorer draws from it)
     eval_tasks: list
     reward_fn: Callable[[str, str], float]
-    needs_old: bool
-    old_from_behav: bool = False  # train.old_logp resolved: pi_old is the sampling policy's behav_logp
-
-
-def describe_logprobs(ctx: "RunContext") -> str:
-    """One line saying which extra forward passes each step pays for, and why."""
-    c = ctx.cfg.train
-    reused = c.updates_per_batch * c.mini_batches > 1
-    if not ctx.needs_old:
-        old = "old_logp: not needed by this loss (its ratio uses behav_logp)"
-    elif ctx.old_from_behav:
-        old = (f"old_logp: the sampling policy's behav_logp, no extra forward (train.old_logp={c.old_logp}, "
-               f"pipeline.mode={ctx.cfg.pipeline.mode})")
-    elif reused:
-        old = f"old_logp: recomputed once per batch (the batch feeds {c.updates_per_batch * c.mini_batches} optimiser steps)"
-    else:
-        old = "old_logp: the detached current log-probs (one optimiser step per batch: exact, no extra forward)"
-    ref = (f"ref_logp: computed (kl_coef={ctx.algo.kl_coef})" if ctx.algo.kl_fn is not None
-           else "ref_logp: not computed (kl_coef=0)")
-    return f"{old}; {ref}"
 
 
 def bind_algorithm(cfg: Config):
-    """The config's algorithm, bound; a typo in a preset or parameter name fails here, before any compute."""
-    from offpolicy.train.step import Algorithm
+    """The config's algorithm, bound, and its step plan; a wrong preset, parameter name or value, or a
+    recipe setting nothing acts on, fails here, before any model is loaded."""
+    from offpolicy.train.algorithm import Algorithm
+    from offpolicy.train.plan import build_plan
 
     try:
-        return Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens)
+        algo = Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens)
     except ValueError as e:
         raise ConfigError(f"algorithm: {e}") from None
+    return algo, build_plan(cfg, algo)
 
 
 def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> RunContext:
     """Validate the algorithm first (cheap), then load the model and build the optimiser."""
     from offpolicy.rollout.model import policy_from_config, reference_policy
-    from offpolicy.train.step import needs_input
 
     torch.set_num_threads(cfg.train.threads)
-    algo = bind_algorithm(cfg)
+    algo, plan = bind_algorithm(cfg)
     reward_fn = reward_function(cfg)
     seed_everything(cfg.train.seed)
     model, tokenizer = policy_from_config(cfg.model)
     # the initial policy: under LoRA the same model with its adapter off, else a frozen copy
-    ref_model = reference_policy(model) if algo.kl_fn is not None else None
+    ref_model = reference_policy(model) if plan.ref_logp != "unused" else None
     trainable = [p for p in model.parameters() if p.requires_grad]  # all, or the LoRA adapter only
     opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
@@ -245,9 +229,7 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
     elif run_dir is None:
         run_dir = make_run_dir(cfg)
     (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    available = ("behav_logp",) + (("ref_logp",) if algo.kl_fn is not None else ())
-    needs_old = needs_input(algo.loss_fn, "old_logp", available=available)
-    stale = cfg.pipeline.mode == "async" and cfg.staleness_bound > 0
-    old_from_behav = cfg.train.old_logp == "behav" or (cfg.train.old_logp == "auto" and stale)
-    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, ref_model, task_source(cfg, tokenizer)[1],
-                      reward_fn, needs_old, old_from_behav)
+    plan.save(run_dir)
+    train_tasks, eval_tasks = task_source(cfg, tokenizer)
+    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, plan, ref_model, train_tasks, eval_tasks,
+                      reward_fn)

@@ -16,12 +16,12 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
 from offpolicy.config import Config
 from offpolicy.data.experience import Experience
-from offpolicy.pipeline.context import reward_function, task_source
 from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.engine import HFEngine
 from offpolicy.rollout.workflow import single_turn
@@ -45,27 +45,40 @@ def weights_version(batch_index: int, *, sync_offset: int, sync_interval: int) -
 
 
 class Explorer:
-    """Task stream + sampling engine + guarded reward: ``explore(e, version)`` makes batch ``e``."""
+    """Task stream + sampling engine + guarded reward: ``explore(e, version)`` makes batch ``e``.
 
-    def __init__(self, cfg: Config, model, tokenizer, *, run_dir: Path | None = None):
+    ``tasks``: the endless training-task stream and ``reward_fn`` the reward, both built once by the
+    caller (:func:`~offpolicy.pipeline.context.task_source`, :func:`~offpolicy.pipeline.context.reward_function`).
+    """
+
+    def __init__(self, cfg: Config, model, tokenizer, *, tasks: Iterator, reward_fn: Callable[[str, str], float],
+                 run_dir: Path | None = None):
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
         self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
-        self.tasks = task_source(cfg, tokenizer)[0]
+        self.tasks = tasks
         self.tasks_consumed = 0
-        self.reward = GuardedReward(reward_function(cfg), timeout_s=cfg.reward.timeout_s)
+        self.reward = GuardedReward(reward_fn, timeout_s=cfg.reward.timeout_s)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.fault_log = None if run_dir is None else Path(run_dir) / "reward_faults.log"
         self.faults_seen: set[str] = set()
 
+    @classmethod
+    def from_context(cls, ctx) -> "Explorer":
+        """The explorer of a run context (its policy, task stream and reward), in this process."""
+        return cls(ctx.cfg, ctx.model, ctx.tokenizer, tasks=ctx.train_tasks, reward_fn=ctx.reward_fn,
+                   run_dir=ctx.run_dir)
+
     def state_dict(self) -> dict:
-        """Progress of the task stream and the sampling generator (for checkpoints). Plain bytes, not a
-        tensor: it crosses a process boundary, and a shared tensor would die with its sender."""
+        """Progress of the task stream and the sampling generator's state as bytes (for checkpoints;
+        plain bytes cross a process boundary, a shared tensor would die with its sender)."""
         return {"tasks_consumed": self.tasks_consumed, "generator": bytes(self.generator.get_state().numpy())}
 
     def load_state_dict(self, state: dict) -> None:
-        self.tasks = task_source(self.cfg, self.tokenizer)[0]
+        """Continue from ``state``: only on a fresh explorer (its stream still at the start)."""
+        if self.tasks_consumed:
+            raise RuntimeError("Explorer.load_state_dict: the task stream has already been drawn from")
         for _ in range(state["tasks_consumed"]):
             next(self.tasks)
         self.tasks_consumed = state["tasks_consumed"]
@@ -82,7 +95,7 @@ class Explorer:
         self.model.eval()
         exps = single_turn(self.engine, self.tokenizer, tasks, self._score, group_size=r.group_size,
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                           version=version, group_tag=f"b{batch_index}", generator=self.generator)
+                           top_k=r.top_k, version=version, batch_index=batch_index, generator=self.generator)
         self.model.train(was_training)
         invalid = sum("reward_fault" in e.info for e in exps) / len(exps)
         if invalid > self.cfg.reward.max_invalid_frac:

@@ -9,12 +9,12 @@ ReMix (arXiv 2507.06892, ALGORITHMS.md §6) end to end:
 - ``train.updates_per_batch`` = m optimiser passes over each batch (the update-to-data ratio);
 - the Mix-PPG clip window is centred at pi_k / pi_{k-i}: pi_k is the ``old_logp`` the trainer
   recomputes with the current weights at the start of each step, for replayed and fresh rows alike;
-- KL-Convex (``Algorithm.kl_convex``): lambda(step) weighs KL to the base policy against KL to the
+- KL-Convex (the ``kl_convex`` regulariser): lambda(step) weighs KL to the base policy against KL to the
   previous policy, with lambda read from the trainer's real step counter;
 - policy reincarnation at step T (:class:`Reincarnation`): the base policy becomes pi_T, the historical
   store is dropped and training continues on-policy (no replay, full fresh batches).
 
-The preset's ``extra`` settings fill whatever the user left unset (:func:`apply_preset_defaults`), so
+The preset's ``replay`` recipe fills whatever the user left unset (:func:`apply_preset_defaults`), so
 ``config.json`` records the values the run really used.
 """
 
@@ -27,25 +27,27 @@ from offpolicy.data.sampling import make_strategy
 
 
 def apply_preset_defaults(cfg: Config) -> Config:
-    """A copy of ``cfg`` with the preset's replay settings in the fields the user did not set.
+    """A copy of ``cfg`` with the preset's replay recipe in the fields the user did not set.
 
-    remix: ``buffer.strategy=mix`` with ``p=mix_prob, window=num_past_policies`` and
-    ``train.updates_per_batch=update_to_data``. Explicit settings always win.
+    With a ``replay`` recipe in force (remix): ``buffer.strategy=mix`` with ``p=mix_prob,
+    window=num_past_policies`` and ``train.updates_per_batch=update_to_data``. Explicit settings win.
     """
-    from offpolicy.algos.registry import lookup
-    from offpolicy.train.step import preset_extra
+    from offpolicy.train.algorithm import Algorithm
 
     try:
-        extra = preset_extra(lookup("preset", cfg.algorithm.preset), cfg.algorithm)
+        settings = Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens).settings
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"algorithm: {e}") from None
+    replay = settings.get("replay")
+    if replay is None:
+        return cfg
     data = cfg.model_dump()
-    if "mix_prob" in extra and cfg.buffer.strategy is None:
+    if cfg.buffer.strategy is None:
         data["buffer"]["strategy"] = "mix"
-        data["buffer"]["strategy_params"] = {"p": extra["mix_prob"], "window": extra["num_past_policies"],
+        data["buffer"]["strategy_params"] = {"p": replay.mix_prob, "window": replay.num_past_policies,
                                              **cfg.buffer.strategy_params}
-    if "update_to_data" in extra and "updates_per_batch" not in cfg.train.model_fields_set:
-        data["train"]["updates_per_batch"] = extra["update_to_data"]
+    if "updates_per_batch" not in cfg.train.model_fields_set:
+        data["train"]["updates_per_batch"] = replay.update_to_data
     return Config.model_validate(data)
 
 
@@ -82,8 +84,7 @@ def fresh_prompts(cfg: Config, strategy, buffer, now_version: int) -> int:
 
 
 class Reincarnation:
-    """ReMix's policy reincarnation at trainer step ``T`` (``algorithm.extra_params.reincarnation_step``;
-    None or 0: never). After step T the base (KL reference) policy is pi_T, the replay history is dropped
+    """ReMix's policy reincarnation at trainer step ``T`` (the ``reincarnation_step`` setting; None: never). After step T the base (KL reference) policy is pi_T, the replay history is dropped
     and the strategy replays nothing. pi_T is saved to ``<run_dir>/reincarnation.safetensors`` so a
     resumed run gets the same base."""
 
@@ -93,7 +94,7 @@ class Reincarnation:
         cfg = getattr(ctx, "cfg", None)
         if self.step and cfg is not None and cfg.model.lora.r > 0:
             raise ConfigError("ReMix policy reincarnation with LoRA is not supported (the base policy is the "
-                              "adapter-free model); set algorithm.extra_params.reincarnation_step=0")
+                              "adapter-free model); set algorithm.reincarnation_step=0")
         self.path = Path(ctx.run_dir) / "reincarnation.safetensors"
 
     def after_step(self, step: int, strategy) -> bool:

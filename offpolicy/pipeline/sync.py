@@ -1,9 +1,10 @@
 """The synchronous runner: generate a batch with the current weights, then train on it, alternating.
 
 The on-policy baseline (staleness 0). Data still flows through the buffer and the sample strategy,
-exactly as in the asynchronous runner, so the two share every step but the scheduling. The run is
-checkpointed every ``checkpoint.every`` steps, at the end, on SIGTERM/SIGINT and before stopping on a
-fault; ``resume=True`` continues from the newest checkpoint (see :mod:`.resume`).
+exactly as in the asynchronous runner, and the step body (:meth:`TrainLoop.step`) is the same; only the
+scheduling differs. The run is checkpointed every ``checkpoint.every`` steps, at the end, on
+SIGTERM/SIGINT and before stopping on a fault; ``resume=True`` continues from the newest checkpoint
+(see :mod:`.resume`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from offpolicy.config import Config
-from offpolicy.pipeline.context import build_context, describe_logprobs, open_run_buffer
+from offpolicy.pipeline.context import build_context, open_run_buffer
 from offpolicy.pipeline.explorer import Explorer, RewardFaultError
-from offpolicy.pipeline.replay import Reincarnation, apply_preset_defaults, fresh_prompts, sample_strategy
-from offpolicy.pipeline.resume import RunStopped, StopRequest, checkpoint_run, restore_run
-from offpolicy.pipeline.trainer import NumericalFaultError, RunResult, TrainLoop
+from offpolicy.pipeline.replay import apply_preset_defaults, fresh_prompts, sample_strategy
+from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
+from offpolicy.pipeline.trainer import RunResult, TrainLoop
 
 
 def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,
@@ -27,23 +26,21 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
     cfg = apply_preset_defaults(cfg)
     ctx = build_context(cfg, run_dir, resume=resume)
     log(f"run directory: {ctx.run_dir}")
-    log(describe_logprobs(ctx))
-    explorer = Explorer(cfg, ctx.model, ctx.tokenizer, run_dir=ctx.run_dir)
+    log(ctx.plan.describe())
+    explorer = Explorer.from_context(ctx)
     buffer = open_run_buffer(cfg, ctx.run_dir)
     strategy = sample_strategy(cfg)
-    reincarnation = Reincarnation(ctx, ctx.algo.extra.get("reincarnation_step"))
     state = None
     if resume:
-        state = restore_run(ctx, strategy=strategy, buffer=buffer, generators={"explorer": explorer.generator})
+        state = restore_run(ctx, strategy=strategy, buffer=buffer)
         explorer.load_state_dict(state["explorer"])
-        reincarnation.restore(state["step"])
         log(f"resuming from step {state['step']} ({state['path']})")
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-    loop = TrainLoop(ctx, progress=progress, resumed=state)
+    loop = TrainLoop(ctx, strategy, progress=progress, resumed=state)
 
-    def save(step: int, explorer_state: dict, eval_after: dict | None = None) -> None:
-        checkpoint_run(ctx, step, explorer_state=explorer_state, strategy=strategy, eval_before=loop.eval_before,
-                       last_eval=loop.last_eval, generators={"explorer": torch.Generator()}, eval_after=eval_after)
+    def save(step: int, explorer_state: dict | None = None, eval_after: dict | None = None) -> None:
+        checkpoint_run(ctx, step, explorer_state=explorer_state or explorer.state_dict(), strategy=strategy,
+                       eval_before=loop.eval_before, last_eval=loop.last_eval, eval_after=eval_after)
 
     try:
         with StopRequest() as stop:
@@ -58,22 +55,10 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
                     raise
                 buffer.put(exps)
                 exps = buffer.sample(rows, strategy, now_version=step - 1)
-                buffer_s = time.perf_counter() - t0 - gen_s
-                record = loop.train(exps, step)
-                if reincarnation.after_step(step, strategy):
-                    record["reincarnated"] = 1
-                try:
-                    loop.log(record, {"gen_s": gen_s, "buffer_s": buffer_s, "step_s": time.perf_counter() - t0})
-                except NumericalFaultError:
-                    save(step, explorer.state_dict())  # skipped steps left the weights as they were
-                    raise
-                if stop.requested or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                    save(step, explorer.state_dict())
-                if stop.requested:
-                    raise RunStopped(f"stopped by {stop.requested} after step {step}; checkpoint written, "
-                                     f"resume with: offpolicy train --resume {ctx.run_dir}")
+                timings = {"gen_s": gen_s, "buffer_s": time.perf_counter() - t0 - gen_s}
+                loop.step(step, exps, t0, timings, save=save, stop=stop)
             result = loop.finish()
-            save(cfg.train.steps, explorer.state_dict(), result.eval_after)
+            save(cfg.train.steps, eval_after=result.eval_after)
             return result
     finally:
         loop.close()

@@ -16,6 +16,7 @@ import torch
 
 from offpolicy.data.experience import Experience, collate
 from offpolicy.pipeline.context import RunContext
+from offpolicy.pipeline.resume import RunStopped
 from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.model import save_policy
 from offpolicy.train.evaluate import evaluate
@@ -60,23 +61,30 @@ class NumericalFaultError(RuntimeError):
 
 
 class TrainLoop:
-    """Owns the metrics writer and the progress bar; ``train`` + ``log`` do one step.
+    """Owns the metrics writer and the progress bar; :meth:`step` is the step body every runner shares.
 
-    ``resumed``: the checkpoint state of a resumed run (its evaluation before training is reused).
+    ``strategy``: the run's sample strategy (ReMix reincarnation resets it); ``resumed``: the checkpoint
+    state of a resumed run (its evaluation before training is reused).
     """
 
-    def __init__(self, ctx: RunContext, *, progress=None, resumed: dict | None = None):
+    def __init__(self, ctx: RunContext, strategy=None, *, progress=None, resumed: dict | None = None):
+        from offpolicy.pipeline.replay import Reincarnation
+
         self.ctx = ctx
         self.cfg = ctx.cfg
+        self.strategy = strategy
         self.writer = MetricsWriter(ctx.run_dir, tensorboard=self.cfg.run.tensorboard)
         self.progress = progress
         self.start = time.perf_counter()
         self.consecutive_skips = 0
         self.resumed = resumed
         self.scorer = GuardedReward(ctx.reward_fn, timeout_s=self.cfg.reward.timeout_s)
-        # ReMix KL-Convex: pi_{k-1}, kept one step behind the policy (see train_step)
+        self.reincarnation = Reincarnation(ctx, ctx.algo.settings.get("reincarnation_step"))
+        if resumed:
+            self.reincarnation.restore(resumed["step"])
+        # KL-Convex reads pi_{k-1}: a frozen copy kept one step behind the policy (see train)
         self.prev_model = None
-        if ctx.algo.kl_convex is not None and ctx.algo.kl_fn is not None:
+        if ctx.plan.prev_logp != "unused":
             import copy
 
             self.prev_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
@@ -97,22 +105,41 @@ class TrainLoop:
 
     def train(self, exps: list[Experience], step: int) -> dict:
         """Train step ``step`` (1-based; trainer version ``step - 1`` before it) on ``exps``; its record."""
-        c = self.cfg
+        ctx = self.ctx
         t0 = time.perf_counter()
-        batch = collate(exps, self.ctx.tokenizer.pad_token_id)
+        batch = collate(exps, ctx.tokenizer.pad_token_id)
         start = None  # pi_k, which becomes pi_{k-1} for the next step
         if self.prev_model is not None:
-            start = {k: v.detach().clone() for k, v in self.ctx.model.state_dict().items()}
-        stats = train_step(self.ctx.model, self.ctx.optimizer, batch, self.ctx.algo, grad_clip=c.train.grad_clip,
-                           micro_batches=c.train.micro_batches, mini_batches=c.train.mini_batches,
-                           updates_per_batch=c.train.updates_per_batch, temperature=c.rollout.temperature,
-                           ref_model=self.ctx.ref_model, scheduler=self.ctx.scheduler,
-                           needs_old=self.ctx.needs_old, old_from_behav=self.ctx.old_from_behav, step=step,
-                           prev_model=self.prev_model)
+            start = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        stats = train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan, ref_model=ctx.ref_model,
+                           prev_model=self.prev_model, step=step)
+        ctx.scheduler.step()
         if start is not None:
             self.prev_model.load_state_dict(start)
         return {"kind": "train", "step": step, "version": step - 1, **batch_metrics(exps, step - 1),
                 **stats, "train_s": time.perf_counter() - t0}
+
+    def step(self, step: int, exps: list[Experience], t0: float, timings: dict, *, save, stop,
+             after_train=None) -> None:
+        """The step body shared by the runners: train on ``exps``, reincarnate (ReMix), run the runner's
+        ``after_train`` hook (returns more timings, e.g. the async weight publish), log with ``step_s``
+        counted from ``t0``, checkpoint when due or asked, and stop on a signal (``stop.requested``).
+        ``save(step)`` writes a checkpoint; a numerical fault checkpoints the last good state first."""
+        record = self.train(exps, step)
+        if self.reincarnation.after_step(step, self.strategy):
+            record["reincarnated"] = 1
+        if after_train is not None:
+            timings = {**timings, **after_train()}
+        try:
+            self.log(record, {**timings, "step_s": time.perf_counter() - t0})
+        except NumericalFaultError:
+            save(step)  # skipped steps left the weights as they were
+            raise
+        if stop.requested or (self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0):
+            save(step)
+        if stop.requested:
+            raise RunStopped(f"stopped by {stop.requested} after step {step}; checkpoint written, "
+                             f"resume with: offpolicy train --resume {self.ctx.run_dir}")
 
     def log(self, record: dict, timings: dict) -> None:
         """Add the runner's timings (``step_s``: wall seconds of the whole step), write, evaluate, show."""

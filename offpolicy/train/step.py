@@ -1,78 +1,22 @@
-"""One training step: batch -> log-probs -> advantages -> loss -> aggregate -> backward -> step.
+"""One training step: batch -> log-probs -> advantages -> loss + regularisers -> aggregate -> backward -> step.
 
-The algorithm arrives as bound callables (see :class:`Algorithm`); this file never looks at an
-algorithm's name. Stats come back as plain floats for logging.
+The algorithm arrives as bound callables (:class:`~offpolicy.train.algorithm.Algorithm`) and the sources
+of its log-probs as a :class:`~offpolicy.train.plan.StepPlan`; this file never looks at an algorithm's
+name. The batch it is given is not modified. Stats come back as plain floats for logging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import fields, replace
 
 import torch
 
 from offpolicy.algos import LossInputs, entropy_from_logits
 from offpolicy.data.experience import Batch
+from offpolicy.train.algorithm import Algorithm
+from offpolicy.train.plan import StepPlan
 
-
-@dataclass
-class Algorithm:
-    """The bound pieces of one preset plus the regularisers the trainer adds on top."""
-
-    adv_fn: Callable
-    loss_fn: Callable
-    agg_fn: Callable
-    kl_fn: Callable | None = None
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    kl_convex: dict | None = None  # ReMix KL-Convex lambda schedule (kl_convex_lambda's parameters), or None
-    extra: dict | None = None  # the preset's extra settings with the config's overrides
-
-    def kl_lambda(self, step: int) -> float:
-        """Weight of KL(pi || base) at trainer step ``step``: 1 without KL-Convex (plain KL to the reference)."""
-        from offpolicy.algos import kl_convex_lambda
-
-        return kl_convex_lambda(step, **self.kl_convex) if self.kl_convex is not None else 1.0
-
-    @classmethod
-    def from_config(cls, algo_cfg, *, max_len: int | None = None) -> "Algorithm":
-        """Bind the preset named in ``algo_cfg`` with its overrides (names are checked here).
-
-        ``max_len`` (the generation limit) fills an aggregation's ``max_len`` parameter when neither
-        the preset nor the overrides set it, so Dr. GRPO's constant normaliser is the real L_max.
-        """
-        import inspect
-
-        from offpolicy.algos import AGGREGATIONS, bind, resolve_preset
-        from offpolicy.algos.registry import lookup
-
-        preset = lookup("preset", algo_cfg.preset)
-        agg_params = dict(algo_cfg.aggregation_params)
-        agg_name, preset_agg_params = preset.aggregation
-        if (max_len is not None and "max_len" in inspect.signature(AGGREGATIONS[agg_name]).parameters
-                and "max_len" not in {**preset_agg_params, **agg_params}):
-            agg_params["max_len"] = max_len
-        adv_fn, loss_fn, agg_fn = resolve_preset(algo_cfg.preset, algo_cfg.advantage_params,
-                                                 algo_cfg.loss_params, agg_params)
-        kl_coef = preset.kl_coef if algo_cfg.kl_coef is None else algo_cfg.kl_coef
-        kl_fn = bind("kl", algo_cfg.kl_estimator or preset.kl_estimator) if kl_coef > 0 else None
-        extra = preset_extra(preset, algo_cfg)
-        convex = extra.get("kl_convex_schedule") if extra.get("kl_convex") and kl_fn is not None else None
-        return cls(adv_fn, loss_fn, agg_fn, kl_fn, kl_coef, algo_cfg.entropy_coef, convex, extra)
-
-
-def preset_extra(preset, algo_cfg) -> dict:
-    """The preset's extra settings with ``algorithm.extra_params`` merged in; unknown names are errors."""
-    import difflib
-
-    base = dict(preset.extra or {})
-    for key in algo_cfg.extra_params:
-        if key not in base:
-            close = difflib.get_close_matches(key, list(base), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"algorithm.extra_params: preset {algo_cfg.preset!r} has no extra setting "
-                             f"{key!r}{hint}; its settings: {sorted(base) or 'none'}")
-    return {**base, **algo_cfg.extra_params}
+__all__ = ["Algorithm", "StepPlan", "response_logp", "train_step"]
 
 
 def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False,
@@ -145,8 +89,6 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    from dataclasses import fields, replace
-
     return replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in fields(batch)
                              if torch.is_tensor(getattr(batch, f.name))})
 
@@ -155,118 +97,124 @@ def _stat(x) -> float:
     return float(x.detach().float()) if torch.is_tensor(x) else float(x)
 
 
-def needs_input(loss_fn: Callable, field: str, *, available: tuple[str, ...] = ("behav_logp",)) -> bool:
-    """Whether ``loss_fn`` needs ``LossInputs.<field>`` when only ``available`` fields are given.
+def step_logprobs(model, batch: Batch, plan: StepPlan, *, ref_model=None, prev_model=None) -> dict[str, torch.Tensor]:
+    """The (B, T) log-probs the plan computes once per batch, before any update: ``old_logp`` /
+    ``center_logp`` ('recompute': the step-start policy; 'behav': the batch's behav_logp), ``ref_logp``
+    (the reference; kept if the batch already carries it) and ``prev_logp`` (pi_{k-1})."""
+    out: dict[str, torch.Tensor] = {}
+    T = plan.temperature
+    with torch.no_grad():
+        if plan.ref_logp != "unused":
+            out["ref_logp"] = (batch.ref_logp_BT if batch.ref_logp_BT is not None
+                               else response_logp(ref_model, batch, temperature=T)[0])
+        if plan.prev_logp != "unused":
+            out["prev_logp"] = response_logp(prev_model, batch, temperature=T)[0]
+        if "recompute" in (plan.old_logp, plan.center_logp):
+            start_BT = response_logp(model, batch, temperature=T)[0]
+            out.update({k: start_BT for k in ("old_logp", "center_logp") if getattr(plan, k) == "recompute"})
+        if plan.old_logp == "behav":
+            out["old_logp"] = batch.behav_logp_BT
+    return out
 
-    Probes the loss once on a 1x1 dummy (a loss raises a ValueError naming a missing field), so user
-    losses registered with ``offpolicy.algos.register`` are covered without any declaration.
-    """
-    z = torch.zeros(1, 1)
-    kw = {f: (z if f in available else None) for f in ("old_logp", "behav_logp", "ref_logp", "center_logp")}
-    kw[field] = None
-    try:
-        loss_fn(z.clone().requires_grad_(), LossInputs(adv=torch.ones(1), mask=torch.ones(1, 1), **kw))
-    except ValueError as e:
-        return f"LossInputs.{field}" in str(e)
-    return False
 
+def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: dict[str, torch.Tensor],
+                    algo: Algorithm, plan: StepPlan, *, step: int, sums: dict[str, float],
+                    first: bool) -> None:
+    """Accumulate gradients over micro-batches (normalised by this mini-batch's totals), then step.
 
-def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, algo: Algorithm, *, grad_clip: float,
-                    micro_batches: int, temperature: float, sums: dict[str, float], kl_lambda: float = 1.0) -> None:
-    """Accumulate gradients over micro-batches (normalised by this mini-batch's totals), then step."""
+    ``given``: the plan's per-batch log-probs for these rows. ``first``: the first optimiser step of the
+    batch (the weights are still those at the step start), where the engine mismatch is measured."""
     n_tokens = batch.mask_BT.sum().clamp(min=1)
-    n_seqs = len(batch)
+    n_seqs = int((batch.mask_BT.sum(-1) > 0).sum())  # rows with no trainable token count for nothing
     optimizer.zero_grad(set_to_none=True)
     losses: list[torch.Tensor] = []
 
     def add(key: str, value) -> None:
         sums[key] = sums.get(key, 0.0) + _stat(value)
 
-    for idx in torch.arange(n_seqs).tensor_split(micro_batches):
+    def agg(x_BT, m_BT):
+        return algo.agg_fn(x_BT, m_BT, num_tokens=n_tokens, num_seqs=n_seqs)
+
+    for idx in torch.arange(len(batch)).tensor_split(plan.micro_batches):
         mb = batch.select(idx)
-        logp_BT, entropy_BT = response_logp(model, mb, temperature=temperature, with_entropy=True)
-        old = mb.old_logp_BT if mb.old_logp_BT is not None else logp_BT.detach()
-        out = algo.loss_fn(logp_BT, LossInputs(adv=adv_B[idx], mask=mb.mask_BT, old_logp=old,
-                                                behav_logp=mb.behav_logp_BT, ref_logp=mb.ref_logp_BT))
-        loss = algo.agg_fn(out.loss_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
-        if algo.kl_fn is not None:
-            kl_BT = algo.kl_fn(logp_BT, mb.ref_logp_BT)
-            if mb.prev_logp_BT is not None:  # KL-Convex: lambda KL(pi||base) + (1 - lambda) KL(pi||pi_{k-1})
-                kl_BT = kl_lambda * kl_BT + (1.0 - kl_lambda) * algo.kl_fn(logp_BT, mb.prev_logp_BT)
-            kl = algo.agg_fn(kl_BT * mb.mask_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
-            loss = loss + algo.kl_coef * kl
-            add("kl_ref", kl)
-        ent = algo.agg_fn(entropy_BT * mb.mask_BT, mb.mask_BT, num_tokens=n_tokens, num_seqs=n_seqs)
-        if algo.entropy_coef:
-            loss = loss - algo.entropy_coef * ent
+        logp_BT, entropy_BT = response_logp(model, mb, temperature=plan.temperature, with_entropy=True)
+        current = {k: logp_BT.detach() for k in ("old_logp", "center_logp") if getattr(plan, k) == "current"}
+        inputs = LossInputs(adv=adv_B[idx], mask=mb.mask_BT, behav_logp=mb.behav_logp_BT, entropy=entropy_BT,
+                            step=step, **{k: v[idx] for k, v in given.items()}, **current)
+        out = algo.loss_fn(logp_BT, inputs)
+        loss = agg(out.loss_BT, mb.mask_BT)
+        w = len(idx) / len(batch)  # stats are per-micro-batch means: weight by share of rows
+        for reg in algo.regularizers:
+            reg_out = reg(logp_BT, inputs)
+            term = agg(reg_out.loss_BT, mb.mask_BT)
+            loss = loss + term
+            add(f"reg/{reg.func.__name__}", term)
+            for k, v in reg_out.stats.items():
+                add(k, w * _stat(v))
         loss.backward()
         losses.append(loss.detach())
         add("loss", loss)
-        add("entropy", ent)
-        # k1 estimate of KL(behav || old) under the behaviour samples: mean of behav_logp - old_logp
-        add("kl_behav_old", ((mb.behav_logp_BT - old) * mb.mask_BT).sum() / n_tokens)
-        w = len(idx) / n_seqs  # loss stats are per-micro-batch means: weight by share of rows
+        add("entropy", agg(entropy_BT.detach(), mb.mask_BT))
+        if inputs.old_logp is not None:  # k1 estimate of KL(behav || old) under the behaviour samples
+            add("kl_behav_old", ((mb.behav_logp_BT - inputs.old_logp) * mb.mask_BT).sum() / n_tokens)
+        if first:
+            _engine_mismatch(mb, logp_BT.detach(), step, sums)
         for k, v in out.stats.items():
             add(f"loss/{k}", w * _stat(v))
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip)
     add("grad_norm", grad_norm)
-    if not (torch.isfinite(grad_norm) and all(torch.isfinite(torch.as_tensor(l)) for l in losses)):
+    if not (torch.isfinite(grad_norm) and all(torch.isfinite(l) for l in losses)):
         optimizer.zero_grad(set_to_none=True)  # a non-finite loss or gradient: skip, weights untouched
         add("skipped", 1)
         return
     optimizer.step()
 
 
-def train_step(model, optimizer, batch: Batch, algo: Algorithm, *, grad_clip: float = 1.0,
-               micro_batches: int = 1, mini_batches: int = 1, updates_per_batch: int = 1,
-               temperature: float = 1.0, ref_model=None, scheduler=None,
-               needs_old: bool = True, old_from_behav: bool = False, step: int = 0,
-               prev_model=None) -> dict[str, float]:
-    """Train on one batch: ``updates_per_batch`` passes, each of ``mini_batches`` optimiser steps.
+def _engine_mismatch(mb: Batch, logp_BT: torch.Tensor, step: int, sums: dict[str, float]) -> None:
+    """Engine vs trainer on the rows sampled with the weights the trainer holds now (version step - 1):
+    the untruncated engine log-prob against the trainer's. Accumulates the sum and count of
+    ``engine - trainer`` (a k1 estimate of KL(engine || trainer)) and the max |difference|."""
+    engine_BT = getattr(mb, "engine_logp_BT", None)
+    engine_BT = mb.behav_logp_BT if engine_BT is None else engine_BT
+    m_BT = mb.mask_BT.bool() & (mb.versions_B == step - 1)[:, None]
+    diff_BT = torch.where(m_BT, engine_BT - logp_BT, torch.zeros_like(logp_BT))
+    sums["_engine_sum"] = sums.get("_engine_sum", 0.0) + _stat(diff_BT.sum())
+    sums["_engine_n"] = sums.get("_engine_n", 0.0) + _stat(m_BT.sum())
+    peak = _stat(diff_BT.abs().max()) if diff_BT.numel() else 0.0
+    sums["_engine_max"] = max(sums.get("_engine_max", 0.0), peak)
 
-    Advantages are computed once per batch. ``old_logp`` (the proximal policy) is recomputed at the
-    start, with one no-grad forward, only when the batch is reused (several optimiser steps) and the
-    loss reads it (``needs_old``, see :func:`needs_input`); with a single optimiser step the detached
-    current log-probs are exact, because the weights do not change before that step. ``ref_logp`` is
-    computed only when the algorithm has a KL term. With ReMix's KL-Convex (``algo.kl_convex``) and
-    lambda(step) < 1, ``prev_model`` (the previous step's policy pi_{k-1}) gives the second KL term;
-    the caller keeps it one step behind. ``old_from_behav``: ``old_logp`` is the batch's ``behav_logp``
-    (PPO's pi_old as the policy that sampled the data; ``train.old_logp``), no recompute. Statistics
-    are means over the optimiser steps.
-    An optimiser step whose loss or gradient norm is not finite is skipped (gradients dropped,
-    weights and optimiser state untouched) and counted in ``skipped_steps``.
+
+def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, *, ref_model=None,
+               prev_model=None, step: int = 1) -> dict[str, float]:
+    """Train on one batch: ``plan.updates_per_batch`` passes, each of ``plan.mini_batches`` optimiser steps.
+
+    Advantages are computed once per batch, and so are the log-probs the plan lists (see
+    :func:`step_logprobs`); ``batch`` is left as it was. ``ref_model`` (the reference) and ``prev_model``
+    (pi_{k-1}, kept one step behind by the caller) are needed when the plan reads them. ``step``: the
+    trainer step (1-based; the batch's fresh rows were sampled with version ``step - 1``). Statistics are
+    means over the optimiser steps. An optimiser step whose loss or gradient norm is not finite is
+    skipped (gradients dropped, weights and optimiser state untouched) and counted in ``skipped_steps``.
     """
     model.train()
     device = next(model.parameters()).device
     if batch.input_ids_BL.device != device:
         batch = _to_device(batch, device)
     adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
-    reused = updates_per_batch * mini_batches > 1
-    with torch.no_grad():
-        if algo.kl_fn is not None and batch.ref_logp_BT is None:
-            batch.ref_logp_BT, _ = response_logp(ref_model, batch, temperature=temperature)
-        kl_lambda = algo.kl_lambda(step)
-        if kl_lambda < 1.0 and algo.kl_fn is not None and prev_model is not None and batch.prev_logp_BT is None:
-            batch.prev_logp_BT, _ = response_logp(prev_model, batch, temperature=temperature)
-        if old_from_behav and batch.old_logp_BT is None:
-            batch.old_logp_BT = batch.behav_logp_BT
-        if reused and needs_old and batch.old_logp_BT is None:
-            batch.old_logp_BT, _ = response_logp(model, batch, temperature=temperature)
+    given = step_logprobs(model, batch, plan, ref_model=ref_model, prev_model=prev_model)
     sums: dict[str, float] = {}
     n_steps = 0
-    for _ in range(updates_per_batch):
-        for rows in torch.arange(len(batch)).tensor_split(mini_batches):
-            _optimizer_step(model, optimizer, batch.select(rows), adv_B[rows], algo, grad_clip=grad_clip,
-                            micro_batches=micro_batches, temperature=temperature, sums=sums,
-                            kl_lambda=kl_lambda)
+    for _ in range(plan.updates_per_batch):
+        for rows in torch.arange(len(batch)).tensor_split(plan.mini_batches):
+            _optimizer_step(model, optimizer, batch.select(rows), adv_B[rows], {k: v[rows] for k, v in given.items()},
+                            algo, plan, step=step, sums=sums, first=n_steps == 0)
             n_steps += 1
-    if scheduler is not None:
-        scheduler.step()
     skipped = sums.pop("skipped", 0.0)
+    engine = {k: sums.pop(f"_engine_{k}") for k in ("sum", "n", "max")}
     stats = {k: v / n_steps for k, v in sums.items()}
+    if engine["n"]:  # fresh rows in this batch: the engine's numerics against the trainer's
+        stats["engine_kl"] = engine["sum"] / engine["n"]
+        stats["engine_max_abs_diff"] = engine["max"]
     stats["adv_abs_mean"] = _stat(adv_B.abs().mean())
     stats["optimizer_steps"] = n_steps
     stats["skipped_steps"] = int(skipped)
-    if algo.kl_convex is not None:
-        stats["kl_convex_lambda"] = kl_lambda
     return stats

@@ -23,11 +23,11 @@ def test_names_present():
 
 def test_preset_contents():
     assert PRESETS["grpo"].advantage[0] == "grpo" and PRESETS["grpo"].aggregation[0] == "token_mean"
-    assert PRESETS["grpo"].loss == ("ppo_clip", {"eps_low": 0.2, "eps_high": 0.2})
+    assert PRESETS["grpo"].loss == ("ppo_clip", {"eps_low": 0.2, "eps_high": 0.2, "dual_clip": 3.0})
     assert PRESETS["dr_grpo"].advantage[0] == "group_mean"
     assert PRESETS["dr_grpo"].loss[0] == "ppo_clip"
     assert PRESETS["dr_grpo"].aggregation[0] == "seq_mean_token_sum_norm"
-    assert PRESETS["dapo"].loss == ("ppo_clip", {"eps_low": 0.2, "eps_high": 0.28})
+    assert PRESETS["dapo"].loss == ("ppo_clip", {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0})
     assert PRESETS["dapo"].advantage[0] == "grpo" and PRESETS["dapo"].aggregation[0] == "token_mean"
     assert PRESETS["red_drop"].advantage == ("group_mean", {"drop": "balance"})
 
@@ -51,7 +51,7 @@ def test_every_preset_resolves_and_runs(name):
 
 def test_resolve_preset_overrides_and_typos():
     _, loss_fn, _ = resolve_preset("grpo", loss_params={"eps_high": 0.3})
-    assert loss_fn.keywords == {"eps_low": 0.2, "eps_high": 0.3}
+    assert loss_fn.keywords == {"eps_low": 0.2, "eps_high": 0.3, "dual_clip": 3.0}
     assert PRESETS["grpo"].loss[1]["eps_high"] == 0.2  # the preset template is untouched
     with pytest.raises(ValueError, match="'eps_hihg'.*did you mean 'eps_high'.*eps_low"):
         resolve_preset("grpo", loss_params={"eps_hihg": 0.3})
@@ -109,3 +109,64 @@ def test_missing_field_error_names_field_and_loss(key):
     name = key.strip()
     with pytest.raises(ValueError, match=f"'{name}'.*LossInputs.{field}"):
         POLICY_LOSSES[name](torch.zeros(1, 2), LossInputs(torch.ones(1), torch.ones(1, 2)), **params)
+
+
+def test_literal_values_are_checked_at_bind_time_with_the_valid_ones():
+    with pytest.raises(ValueError, match=r"ratio_to='bhav' is not valid; valid: \['old', 'behav'\]"):
+        bind("policy_loss", "ppo_clip", {"ratio_to": "bhav"})
+    with pytest.raises(ValueError, match=r"clip_mode='oneside'.*'one_side'"):
+        resolve_preset("rec_oneside_nois", loss_params={"clip_mode": "oneside"})
+    with pytest.raises(ValueError, match=r"drop='all'.*'balance'"):
+        bind("advantage", "group_mean", {"drop": "all"})
+    with pytest.raises(ValueError, match=r"mode='clip'.*'truncate', 'mask'"):
+        bind("policy_loss", "decoupled_ppo", {"mode": "clip"})
+    bind("policy_loss", "ppo_clip", {"ratio_to": "behav"})  # valid values bind
+
+
+DECLARED = {  # (loss, params) -> the log-probs it declares it reads
+    ("ppo_clip", ()): {"old_logp"},
+    ("ppo_clip", (("ratio_to", "behav"),)): {"behav_logp"},
+    ("decoupled_ppo", ()): {"old_logp", "behav_logp"},
+    ("rec", ()): {"behav_logp"},
+    ("mix_ppg", ()): {"behav_logp", "center_logp"},
+    ("sil", ()): {"behav_logp"},
+    ("sil", (("ratio_to", "old"),)): {"old_logp"},
+    ("sft", ()): set(),
+}
+
+
+@pytest.mark.parametrize("key", list(DECLARED))
+def test_losses_declare_what_they_read_from_their_bound_parameters(key):
+    from offpolicy.algos import reads_of
+
+    name, params = key
+    assert reads_of("policy_loss", name, dict(params)) == DECLARED[key]
+
+
+def test_declared_reads_are_enough_to_run_the_loss():
+    # every built-in loss runs when given exactly the fields it declares (and nothing else)
+    from offpolicy.algos import reads_of
+
+    logp = torch.zeros(1, 2, requires_grad=True)
+    full = {"old_logp": torch.zeros(1, 2), "behav_logp": torch.zeros(1, 2), "center_logp": torch.zeros(1, 2)}
+    for name, fn in POLICY_LOSSES.items():
+        reads = reads_of("policy_loss", name)
+        fn(logp, LossInputs(torch.ones(1), torch.ones(1, 2), **{k: v for k, v in full.items() if k in reads}))
+
+
+def test_user_registration_declares_reads():
+    def my_loss(logp_BT, inputs):
+        return LossOut(-logp_BT, {})
+
+    from offpolicy.algos import reads_of
+
+    register("policy_loss", "_test_mine", my_loss, reads=("ref_logp",))
+    try:
+        assert reads_of("policy_loss", "_test_mine") == {"ref_logp"}
+        with pytest.raises(ValueError, match="unknown inputs.*'logp_old'"):
+            register("policy_loss", "_test_bad", my_loss, reads=("logp_old",))
+        with pytest.raises(ValueError, match="only .* declare"):
+            register("advantage", "_test_adv", my_loss, reads=("ref_logp",))
+    finally:
+        POLICY_LOSSES.pop("_test_mine")
+        POLICY_LOSSES.pop("_test_bad", None)

@@ -26,14 +26,14 @@ SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=
 def _steps(cfg, n):
     """``n`` trainer steps on fresh rollouts; (context, last batch, per-step stats)."""
     ctx = build_context(cfg)
-    explorer = Explorer(cfg, ctx.model, ctx.tokenizer)
+    explorer = Explorer.from_context(ctx)
     stats = []
     try:
         for step in range(n):
             exps, _ = explorer.explore(step, step)
             batch = collate(exps, ctx.tokenizer.pad_token_id)  # built on the CPU; the step moves it
-            stats.append(train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ref_model=ctx.ref_model,
-                                    scheduler=ctx.scheduler, needs_old=ctx.needs_old))
+            stats.append(train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan, ref_model=ctx.ref_model,
+                                    step=step + 1))
     finally:
         explorer.close()
     return ctx, batch, stats

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -48,7 +49,7 @@ def test_replay_groups_matches_what_select_replays():
 
 
 def test_mix_run_replays_p_of_each_batch_from_the_window_and_generates_only_the_rest(tmp_path):
-    rows = _run(tmp_path, "algorithm.extra_params.reincarnation_step=0", "algorithm.kl_coef=0")
+    rows = _run(tmp_path, "algorithm.reincarnation_step=0", "algorithm.kl_coef=0")
     # 5 groups of 4 per batch; round(0.4 * 20) = 8 rows = 2 groups replayed from step 2 on
     assert [r["samples"] for r in rows] == [20, 20, 20, 20]
     assert [r["fresh_samples"] for r in rows] == [20, 12, 12, 12]
@@ -64,14 +65,16 @@ def test_mix_run_replays_p_of_each_batch_from_the_window_and_generates_only_the_
 
 def test_kl_convex_lambda_follows_the_trainer_step(tmp_path):
     schedule = "{start: 1, every: 1, drop: 0.2, floor: 0.5}"
-    rows = _run(tmp_path, f"algorithm.extra_params.kl_convex_schedule={schedule}", "algorithm.kl_coef=0.01",
-                "algorithm.extra_params.reincarnation_step=0")
-    assert [r["kl_convex_lambda"] for r in rows] == [1.0, 0.8, 0.6, 0.5]
+    rows = _run(tmp_path, f"algorithm.kl_convex={schedule}", "algorithm.kl_coef=0.01",
+                "algorithm.reincarnation_step=0")
+    assert [r["kl_convex_lambda"] for r in rows] == pytest.approx([1.0, 0.8, 0.6, 0.5], abs=1e-7)
     assert all("kl_ref" in r for r in rows)
+    # pi_{k-1} is read once lambda < 1: KL to it is 0 at step 1 (unread) and positive after an update
+    assert rows[0]["kl_prev"] == 0.0 and all(r["kl_prev"] > 0 for r in rows[1:])
 
 
 def test_reincarnation_swaps_the_base_and_drops_the_store(tmp_path):
-    rows = _run(tmp_path, "algorithm.extra_params.reincarnation_step=2", "algorithm.kl_coef=0.01",
+    rows = _run(tmp_path, "algorithm.reincarnation_step=2", "algorithm.kl_coef=0.01",
                 "checkpoint.every=1", "checkpoint.keep=4")
     assert [r.get("reincarnated", 0) for r in rows] == [0, 1, 0, 0]
     # after T: on-policy, full fresh batches, nothing replayed

@@ -40,13 +40,13 @@ def trained(tmp_path_factory):
     """A LoRA policy after 3 training steps (the trainer's own step), and the last batch."""
     cfg = load_config(None, [*LORA, f"run.dir={tmp_path_factory.mktemp('lora')}"])
     ctx = build_context(cfg)
-    explorer = Explorer(cfg, ctx.model, ctx.tokenizer)
+    explorer = Explorer.from_context(ctx)
     try:
         for step in range(3):
             exps, _ = explorer.explore(step, step)
             batch = collate(exps, ctx.tokenizer.pad_token_id)
-            stats = train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ref_model=ctx.ref_model,
-                               scheduler=ctx.scheduler, needs_old=ctx.needs_old)
+            stats = train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan, ref_model=ctx.ref_model,
+                               step=step + 1)
             assert stats["skipped_steps"] == 0
     finally:
         explorer.close()

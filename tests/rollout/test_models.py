@@ -13,7 +13,9 @@ from offpolicy.pipeline import run
 from offpolicy.rollout.engine import HFEngine
 from offpolicy.rollout.model import load_policy, policy_from_config
 from offpolicy.train.metrics import read_metrics
-from offpolicy.train.step import Algorithm, response_logp, train_step
+from offpolicy.train.algorithm import Algorithm
+from offpolicy.train.plan import build_plan
+from offpolicy.train.step import response_logp, train_step
 
 
 
@@ -58,6 +60,10 @@ def _grpo():
     return Algorithm.from_config(load_config().algorithm, max_len=5)
 
 
+def _plan(algo):
+    return build_plan(load_config(), algo)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(random_tiny):
     base, tok = random_tiny
     batch = _batch(base, tok)
@@ -67,8 +73,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(random_tiny):
         if checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             assert sum(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()) >= 2
-        stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), copy.deepcopy(batch), _grpo(),
-                           grad_clip=1e9)
+        algo = _grpo()
+        plan = build_plan(load_config(None, ["train.grad_clip=1e9"]), algo)
+        stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), copy.deepcopy(batch), algo, plan)
         results.append((stats["loss"], [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert loss_a != 0.0
@@ -84,7 +91,7 @@ def test_bf16_policy_on_cpu_steps_with_float32_logprobs():
     batch = _batch(model, tok)
     assert batch.behav_logp_BT.dtype == torch.float32  # the engine records float32 log-probs
     before = [p.detach().clone() for p in model.parameters()]
-    stats = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, _grpo())
+    stats = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batch, _grpo(), _plan(_grpo()))
     assert stats["skipped_steps"] == 0 and stats["loss"] == stats["loss"]  # finite, not NaN
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     with torch.no_grad():
@@ -134,7 +141,7 @@ def test_autocast_keeps_float32_master_weights_that_small_updates_move(tmp_path)
                                  "rollout.group_size=4", "tasks.eval_size=4", *extra])
         (tmp_path / name).mkdir()
         ctx = build_context(cfg, tmp_path / name)
-        explorer = Explorer(cfg, ctx.model, ctx.tokenizer)
+        explorer = Explorer.from_context(ctx)
         try:
             batch = collate(explorer.explore(0, 0)[0], ctx.tokenizer.pad_token_id)
         finally:
@@ -149,7 +156,7 @@ def test_autocast_keeps_float32_master_weights_that_small_updates_move(tmp_path)
                 p.zero_()
         out = twin(input_ids=batch.input_ids_BL[:1]).logits
         assert out.dtype == torch.bfloat16 and torch.count_nonzero(out) == 0
-        train_step(ctx.model, ctx.optimizer, batch, ctx.algo)
+        train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan)
         moved = [(before[k] != v.detach()).float().mean().item() for k, v in ctx.model.named_parameters()]
         changed[name] = sum(moved) / len(moved)
         dtypes = {p.dtype for p in ctx.model.parameters()}
