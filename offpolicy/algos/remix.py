@@ -24,7 +24,7 @@ from .types import LossInputs, LossOut, finish, log_ratio, prepare, ratio_of, ra
 @builtin("policy_loss", "mix_ppg", reads=("behav_logp", "center_logp"))
 def mix_ppg(logp_BT: Tensor, inputs: LossInputs, *, eps: float = 0.2, dual_clip: float | None = None) -> LossOut:
     """Mix-PPG per-token loss; needs ``behav_logp`` (pi_{k-i}) and ``center_logp`` (pi_k); without
-    ``center_logp`` the step's ``old_logp`` is pi_k (ALGORITHMS.md §9).
+    ``center_logp`` the step's ``old_logp`` is pi_k (docs/algorithms.md).
 
     Stats: the usual clip fractions and ratio stats, plus ``center_*`` stats of c (``center_is_one`` = 1
     on fresh data).

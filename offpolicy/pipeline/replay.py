@@ -1,7 +1,7 @@
 """Replay and ReMix wiring shared by the runners: which sample strategy, how many fresh rollouts, and
 policy reincarnation.
 
-ReMix (arXiv 2507.06892, ALGORITHMS.md §6) end to end:
+ReMix (arXiv 2507.06892, docs/algorithms.md) end to end:
 
 - the ``mix`` strategy trains each batch on a fraction ``p`` of rows replayed from the last ``N``
   policies' data and the rest fresh; the explorer then generates only the fresh part

@@ -1,4 +1,4 @@
-"""Advantage estimators: hand-computed values (ALGORITHMS.md §2) and properties."""
+"""Advantage estimators: hand-computed values (docs/algorithms.md) and properties."""
 
 import math
 

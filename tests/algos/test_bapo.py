@@ -1,4 +1,4 @@
-"""BAPO (ALGORITHMS.md §5): contributions, both bound searches, and the PPO-clip limit."""
+"""BAPO (docs/algorithms.md): contributions, both bound searches, and the PPO-clip limit."""
 
 import pytest
 import torch

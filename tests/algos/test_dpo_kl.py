@@ -1,4 +1,4 @@
-"""DPO (ALGORITHMS.md §8) and KL estimators (§10): hand values."""
+"""DPO and KL estimators (docs/algorithms.md): hand values."""
 
 import math
 

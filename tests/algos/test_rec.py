@@ -1,4 +1,4 @@
-"""REC family (ALGORITHMS.md §3): clip masks, weights, regularisers and equivalences."""
+"""REC family (docs/algorithms.md): clip masks, weights, regularisers and equivalences."""
 
 import math
 

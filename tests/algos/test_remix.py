@@ -1,4 +1,4 @@
-"""ReMix (ALGORITHMS.md §6): KL-Convex schedule and Mix-PPG clip window."""
+"""ReMix (docs/algorithms.md): KL-Convex schedule and Mix-PPG clip window."""
 
 import math
 

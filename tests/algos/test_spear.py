@@ -1,4 +1,4 @@
-"""SPEAR (ALGORITHMS.md §7): schedules, tool reward, recalibration, replay size, Clip-Cov and sil."""
+"""SPEAR (docs/algorithms.md): schedules, tool reward, recalibration, replay size, Clip-Cov and sil."""
 
 import math
 

@@ -58,3 +58,47 @@ def test_bad_config_exits_with_a_named_error(capsys):
     assert "train.steps" in capsys.readouterr().err
     assert main(["train", "algorithm.preset=grpoo", "run.progress=false"]) == 2
     assert "grpo" in capsys.readouterr().err
+
+
+def test_a_wrong_loss_parameter_value_fails_before_the_model_loads(tmp_path):
+    """A wrong ``ratio_to`` names the value and the valid ones, with no traceback, before any model load or
+    run directory; measured in a fresh process so that "before the model loads" is observable."""
+    import subprocess
+    import sys
+
+    code = ("import sys, transformers; from offpolicy.cli import main; "
+            "loads = []; orig = transformers.AutoModelForCausalLM.from_pretrained; "
+            "transformers.AutoModelForCausalLM.from_pretrained = lambda *a, **k: loads.append(a) or orig(*a, **k); "
+            f"rc = main(['train', 'algorithm.loss_params.ratio_to=bhav', 'run.dir={tmp_path / 'r'}']); "
+            "print('loads', len(loads)); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "ratio_to='bhav' is not valid; valid: ['old', 'behav']" in out.stderr
+    assert "Traceback" not in out.stderr and "loads 0" in out.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_presets_command_lists_and_describes(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "decoupled_ppo" in out and "behav_logp,old_logp" in out and "replay,kl_convex,reincarnation_step" in out
+    assert main(["presets", "grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "ppo_clip(eps_low=0.2, eps_high=0.2, dual_clip=3.0, ratio_to='old')" in out
+    assert "reads:       old_logp" in out and "arXiv 2402.03300" in out
+    assert main(["presets", "grop"]) == 2
+    assert "did you mean 'grpo'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.replay.mix_prob=0.3"], "algorithm.replay.mix_prob: preset 'grpo' has no replay recipe"),
+    (["algorithm.preset=remix", "algorithm.kl_coef=0", "algorithm.kl_convex.start=10"],
+     "algorithm.kl_convex shapes the KL term, but algorithm.kl_coef=0"),
+    (["algorithm.reincarnation_step=5"], "preset 'grpo' has no reincarnation recipe"),
+    (["algorithm.preset=spear"], "not wired into the pipeline yet: self_imitation"),
+    (["algorithm.extra_params.mix_prob=0.3"], "unknown config key 'algorithm.extra_params'"),
+])
+def test_recipe_settings_nothing_acts_on_are_rejected(overrides, message, capsys, tmp_path):
+    assert main(["train", f"run.dir={tmp_path}", *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()

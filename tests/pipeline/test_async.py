@@ -104,3 +104,17 @@ def test_trainer_failing_before_training_stops_the_explorer(tmp_path, monkeypatc
         asynchronous.run_async(cfg, log=lambda *a: None)
     assert len(procs) == 1 and not procs[0].is_alive()
     assert procs[0].exitcode == 0  # it returned by itself (terminate() would give -15)
+
+
+def test_decoupled_ppo_gets_a_proximal_policy_distinct_from_behav_when_stale(tmp_path):
+    """Default config: at staleness 1 the behaviour weight exp(old - behav) is not identically 1 and
+    KL(behav || old) is not 0 (old is the trainer's step-start policy, never behav_logp)."""
+    d = _run(tmp_path, "dppo", "train.steps=4", "pipeline.mode=async", "pipeline.sync_offset=1", "eval.every=0",
+             "algorithm.preset=decoupled_ppo")
+    plan = json.loads((d / "plan.json").read_text())
+    assert plan["old_logp"] == "current" and plan["loss_reads"] == ["behav_logp", "old_logp"]
+    stale = [r for r in read_metrics(d, "train") if r["staleness_min"] >= 1]
+    assert len(stale) == 3
+    for r in stale:
+        assert r["loss/behav_weight_max"] - r["loss/behav_weight_min"] > 1e-3
+        assert abs(r["kl_behav_old"]) > 1e-6

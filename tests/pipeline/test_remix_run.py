@@ -1,4 +1,4 @@
-"""ReMix end to end (ALGORITHMS.md §6): the mix sampler's fraction and window in a real run, the KL-Convex
+"""ReMix end to end (docs/algorithms.md): the mix sampler's fraction and window in a real run, the KL-Convex
 lambda read from the trainer's step counter, and policy reincarnation swapping the base policy and
 dropping the historical store."""
 
