@@ -66,11 +66,12 @@ def _cmd_train(args) -> int:
 
     from offpolicy.pipeline import run
 
-    from offpolicy.pipeline.context import bind_algorithm
+    from offpolicy.pipeline.context import bind_algorithm, check_workflow
 
     console = Console()
     cfg, resume = _train_config(args)
-    bind_algorithm(cfg)  # a wrong algorithm setting fails here, before anything is printed or loaded
+    bind_algorithm(cfg)  # a wrong algorithm or workflow setting fails here, before anything is printed or loaded
+    check_workflow(cfg)
     console.print("[bold]resolved config[/bold]")
     console.print_json(cfg.model_dump_json())
     progress = _Progress(console) if cfg.run.progress else None

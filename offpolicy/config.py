@@ -71,6 +71,7 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer uses the same one).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold. Below 1, behav_logp is the log-prob under the truncated, renormalised distribution actually sampled from.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only (0 = off); behav_logp as for top_p.")
+    engine: str = Field("hf", description="Rollout engine: 'hf' (transformers with a KV cache, CPU or GPU).")
 
 
 class ReplayConfig(_Section):
@@ -108,6 +109,17 @@ class ToolRewardConfig(_Section):
     coef: float | None = Field(None, ge=0, description="Reward per tool call at step 0 (spear: 0.1).")
     max_calls: int | None = Field(None, ge=0, description="Calls counted at most (spear: 10).")
     horizon: int | None = Field(None, ge=1, description="Steps over which the tool-call reward decays 1 -> 0 (spear: 200).")
+
+
+class WorkflowConfig(_Section):
+    """How a task becomes experiences (offpolicy.rollout.workflow)."""
+
+    name: str = Field("single_turn", description="'single_turn' (one prompt, one completion), 'multi_turn' (episodes with an environment and tools), or 'package.module:attr' for your own workflow.")
+    env: str | None = Field(None, description="multi_turn: the environment, a built-in name ('calculator', 'python') or 'package.module:attr'.")
+    env_args: dict[str, Any] = Field({}, description="multi_turn: keyword settings of the environment (checked against its signature at start-up), e.g. {format: hermes}.")
+    max_turns: int = Field(4, ge=1, description="multi_turn: model turns per episode at most (the last one is cut off as it is).")
+    max_total_tokens: int = Field(64, ge=1, description="multi_turn: response tokens per episode at most, model and environment tokens together.")
+    tool_timeout_s: float = Field(5.0, gt=0, description="multi_turn: time limit of one tool call; a call past it becomes a 'timeout' error observation.")
 
 
 class AlgorithmConfig(_Section):
@@ -198,6 +210,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     tasks: TasksConfig = TasksConfig()
     rollout: RolloutConfig = RolloutConfig()
+    workflow: WorkflowConfig = WorkflowConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     train: TrainConfig = TrainConfig()
     pipeline: PipelineConfig = PipelineConfig()
@@ -229,6 +242,14 @@ class Config(_Section):
             raise ValueError(f"tasks.name={t.name} needs tasks.train_path")
         if isinstance(t.few_shot, int) and t.few_shot < 0:
             raise ValueError(f"tasks.few_shot={t.few_shot} must be >= 0 (or a file of examples)")
+        w = self.workflow
+        episode_keys = [k for k in ("env", "env_args", "max_turns", "max_total_tokens", "tool_timeout_s")
+                        if getattr(w, k) != WorkflowConfig.model_fields[k].default]
+        if w.name == "single_turn" and episode_keys:
+            raise ValueError(f"workflow.{episode_keys[0]} needs workflow.name=multi_turn (single_turn has no "
+                             "environment, turns or tools)")
+        if w.name == "multi_turn" and w.env is None:
+            raise ValueError("workflow.name=multi_turn needs workflow.env (e.g. calculator)")
         if self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: group-relative advantages need at "
                              "least 2 responses per task (a group of one has no baseline)")

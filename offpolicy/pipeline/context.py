@@ -209,12 +209,23 @@ def bind_algorithm(cfg: Config):
     return algo, build_plan(cfg, algo)
 
 
+def check_workflow(cfg: Config) -> None:
+    """Build the workflow once (its environment and settings checked) without loading any model."""
+    from offpolicy.rollout.workflow import build_workflow
+
+    try:
+        build_workflow(cfg.workflow)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> RunContext:
-    """Validate the algorithm first (cheap), then load the model and build the optimiser."""
+    """Validate the algorithm and workflow first (cheap), then load the model and build the optimiser."""
     from offpolicy.rollout.model import policy_from_config, reference_policy
 
     torch.set_num_threads(cfg.train.threads)
     algo, plan = bind_algorithm(cfg)
+    check_workflow(cfg)
     reward_fn = reward_function(cfg)
     seed_everything(cfg.train.seed)
     model, tokenizer = policy_from_config(cfg.model)

@@ -23,8 +23,8 @@ import torch
 from offpolicy.config import Config
 from offpolicy.data.experience import Experience
 from offpolicy.rewards.guard import GuardedReward
-from offpolicy.rollout.engine import HFEngine
-from offpolicy.rollout.workflow import single_turn
+from offpolicy.rollout.engine import make_engine
+from offpolicy.rollout.workflow import Sampling, build_workflow
 
 
 class RewardFaultError(RuntimeError):
@@ -45,7 +45,7 @@ def weights_version(batch_index: int, *, sync_offset: int, sync_interval: int) -
 
 
 class Explorer:
-    """Task stream + sampling engine + guarded reward: ``explore(e, version)`` makes batch ``e``.
+    """Task stream + rollout engine + workflow + guarded reward: ``explore(e, version)`` makes batch ``e``.
 
     ``tasks``: the endless training-task stream and ``reward_fn`` the reward, both built once by the
     caller (:func:`~offpolicy.pipeline.context.task_source`, :func:`~offpolicy.pipeline.context.reward_function`).
@@ -56,7 +56,8 @@ class Explorer:
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+        self.engine = make_engine(cfg.rollout.engine, model, tokenizer)
+        self.workflow = build_workflow(cfg.workflow)
         self.tasks = tasks
         self.tasks_consumed = 0
         self.reward = GuardedReward(reward_fn, timeout_s=cfg.reward.timeout_s)
@@ -93,9 +94,9 @@ class Explorer:
         self.tasks_consumed += len(tasks)
         was_training = self.model.training
         self.model.eval()
-        exps = single_turn(self.engine, self.tokenizer, tasks, self._score, group_size=r.group_size,
-                           max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                           top_k=r.top_k, version=version, batch_index=batch_index, generator=self.generator)
+        sampling = Sampling(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        exps = self.workflow(self.engine, self.tokenizer, tasks, self._score, sampling=sampling, version=version,
+                             batch_index=batch_index, generator=self.generator)
         self.model.train(was_training)
         invalid = sum("reward_fault" in e.info for e in exps) / len(exps)
         if invalid > self.cfg.reward.max_invalid_frac:

@@ -19,8 +19,10 @@ from offpolicy.pipeline.context import RunContext
 from offpolicy.pipeline.resume import RunStopped
 from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.model import save_policy
-from offpolicy.train.evaluate import evaluate
-from offpolicy.train.metrics import MetricsWriter
+from offpolicy.rollout.engine import make_engine
+from offpolicy.rollout.workflow import build_workflow
+from offpolicy.train.evaluate import evaluate_workflow
+from offpolicy.train.metrics import MetricsWriter, episode_metrics
 from offpolicy.train.step import train_step
 
 
@@ -53,6 +55,7 @@ def batch_metrics(exps: list[Experience], trainer_version: int) -> dict:
     }
     out.update({f"staleness_count/{age}": n for age, n in sorted(Counter(ages).items())})
     out.update({f"reward_faults/{kind}": n for kind, n in sorted(faults.items())})
+    out.update(episode_metrics(exps))
     return out
 
 
@@ -79,6 +82,9 @@ class TrainLoop:
         self.consecutive_skips = 0
         self.resumed = resumed
         self.scorer = GuardedReward(ctx.reward_fn, timeout_s=self.cfg.reward.timeout_s)
+        # held-out evaluation goes through the run's own engine and workflow, greedily
+        self.engine = make_engine(self.cfg.rollout.engine, ctx.model, ctx.tokenizer)
+        self.workflow = build_workflow(self.cfg.workflow)
         self.reincarnation = Reincarnation(ctx, ctx.algo.settings.get("reincarnation_step"))
         if resumed:
             self.reincarnation.restore(resumed["step"])
@@ -98,8 +104,8 @@ class TrainLoop:
 
     def evaluate(self, step: int) -> dict:
         t0 = time.perf_counter()
-        res = evaluate(self.ctx.model, self.ctx.tokenizer, self.ctx.eval_tasks, self.ctx.reward_fn,
-                       max_new_tokens=self.cfg.rollout.max_new_tokens, scorer=self.scorer)
+        res = evaluate_workflow(self.ctx.model, self.engine, self.workflow, self.ctx.tokenizer, self.ctx.eval_tasks,
+                                self.scorer, max_new_tokens=self.cfg.rollout.max_new_tokens)
         self.writer.write({"kind": "eval", "step": step, **res, "eval_s": time.perf_counter() - t0})
         return res
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -73,6 +74,22 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class RolloutEngine(Protocol):
+    """Token ids in, token ids and per-token behaviour log-probs out (see the module docstring). An engine
+    serves the weights of one policy version at a time; the explorer loads new versions into it."""
+
+    def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 8,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
+                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Rollouts: ...
+
+
+def make_engine(name: str, model, tokenizer) -> RolloutEngine:
+    """The rollout engine ``rollout.engine`` names, over ``model`` (the explorer's copy of the policy)."""
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine: unknown engine {name!r}; available: {sorted(ENGINES)}")
+    return ENGINES[name](model, tokenizer)
+
+
 class HFEngine:
     """Sampling engine over a ``transformers`` causal LM (CPU or CUDA)."""
 
@@ -95,8 +112,9 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 8,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> Rollouts:
-        """Sample ``n`` responses per prompt. EOS ends a response (and is part of it).
+                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Rollouts:
+        """Sample ``n`` responses per prompt. EOS ends a response (and is part of it); so does any token
+        of ``stop_ids`` (a multi-turn workflow pauses there for a tool result; ``finished`` stays False).
 
         ``top_k`` (0: off) then ``top_p`` (1: off) truncate the tempered distribution before sampling.
         """
@@ -120,6 +138,8 @@ class HFEngine:
         next_pos = pos[:, -1:] + 1
         tokens, logps, engine_logps = [], [], []
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        eos = torch.zeros(B, dtype=torch.bool, device=self.device)
+        stops = torch.tensor([self.eos_id, *stop_ids], device=self.device)
         alive_steps = torch.zeros(B, dtype=torch.long, device=self.device)
         for t in range(max_new_tokens):
             scaled = logits if greedy else logits / temperature
@@ -140,7 +160,8 @@ class HFEngine:
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             tokens.append(tok)
             alive_steps += (~done).long()
-            done = done | (tok == self.eos_id)
+            eos = eos | (~done & (tok == self.eos_id))
+            done = done | torch.isin(tok, stops)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=self.device)], dim=1)
@@ -151,7 +172,7 @@ class HFEngine:
             prompt_index=[i for i in range(len(prompts)) for _ in range(n)],
             response_ids=_per_row(tokens, lengths),
             behav_logp=_per_row(logps, lengths),
-            finished=done.cpu().tolist(),
+            finished=eos.cpu().tolist(),
             engine_logp=_per_row(engine_logps, lengths) if truncate else None,
         )
 
@@ -167,3 +188,8 @@ def _per_row(steps: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor
     x_BT = torch.stack(steps, 1).cpu()
     return [x_BT[i, :L] for i, L in enumerate(lengths)]
 
+
+
+ENGINES: dict[str, Callable[..., RolloutEngine]] = {
+    "hf": lambda model, tokenizer: HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id),
+}

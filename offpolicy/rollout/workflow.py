@@ -1,22 +1,46 @@
-"""Single-turn workflow: sample K responses per task, score them, emit experiences.
+"""Workflows: how a batch of tasks becomes experiences. The explorer is built from a rollout engine and
+a workflow, each behind a small protocol, chosen by config (``workflow.name``: a registered name or
+``package.module:attr``); no runner looks at which.
+
+A workflow is called as ``workflow(engine, tokenizer, tasks, scorer, *, sampling, version, batch_index,
+generator) -> list[Experience]`` with ``sampling.group_size`` experiences per task, in task order.
+``scorer`` is the run's fault-isolated reward (:class:`~offpolicy.rewards.guard.GuardedReward`).
+
+- ``single_turn``: sample K responses per task, score them.
+- ``multi_turn`` (:mod:`offpolicy.rollout.multi_turn`): episodes with an environment and tools.
 
 A sample whose reward faulted (raised, timed out, returned NaN/inf/None; see
-:mod:`offpolicy.rewards.guard`) is kept but made inert: its trainable mask is all zero (no token
-reaches the loss) and it is moved to a group of its own, so it shifts no other sample's baseline.
+:mod:`offpolicy.rewards.guard`) is kept but made inert (:func:`make_inert`): its trainable mask is all zero
+(no token reaches the loss) and it is moved to a group of its own, so it shifts no other sample's baseline.
 Its ``info["reward_fault"]`` names the fault.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
 from offpolicy.data.experience import Experience
 from offpolicy.rewards.guard import Scored
-from offpolicy.rollout.engine import HFEngine
 
 Scorer = Callable[[Sequence[tuple[str, str]]], list[Scored]]
+
+
+class Sampling(NamedTuple):
+    """How a workflow samples: ``group_size`` responses per task, the engine's sampling settings."""
+
+    group_size: int = 1
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+
+class Workflow(Protocol):
+    def __call__(self, engine, tokenizer, tasks: Sequence, scorer: Scorer, *, sampling: Sampling, version: int,
+                 batch_index: int, generator: torch.Generator | None) -> list[Experience]: ...
 
 
 def encode_prompt(tokenizer, task) -> list[int]:
@@ -26,35 +50,84 @@ def encode_prompt(tokenizer, task) -> list[int]:
     return tokenizer(task.prompt, add_special_tokens=not getattr(task, "has_special_tokens", False))["input_ids"]
 
 
-def single_turn(engine: HFEngine, tokenizer, tasks: Sequence, scorer: Scorer, *, group_size: int,
-                max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                version: int = 0, batch_index: int = -1,
-                generator: torch.Generator | None = None) -> list[Experience]:
-    """One group of ``group_size`` experiences per task, each tagged with ``version`` and ``batch_index``.
+def group_id(task, version: int, batch_index: int) -> str:
+    """Unique per batch, never parsed (the batch index and version are fields of the experience)."""
+    return f"{task.task_id}@{f'b{batch_index}' if batch_index >= 0 else f'v{version}'}"
 
-    The group id only has to be unique per batch and is never parsed: ``<task_id>@b<batch_index>``
-    (``<task_id>@v<version>`` when the batch is unknown, -1).
-    """
+
+def make_inert(exp: Experience, score: Scored, row: int) -> None:
+    """A sample whose reward faulted: no trainable token, a group of its own, the fault named in info."""
+    exp.info["reward_fault"] = score.fault
+    exp.response_mask = torch.zeros_like(exp.response_mask)
+    exp.group_id += f"#invalid{row}"
+
+
+def single_turn(engine, tokenizer, tasks: Sequence, scorer: Scorer, *, sampling: Sampling, version: int = 0,
+                batch_index: int = -1, generator: torch.Generator | None = None) -> list[Experience]:
+    """One group of ``sampling.group_size`` experiences per task, each tagged with ``version`` and ``batch_index``."""
+    s = sampling
     prompts = [encode_prompt(tokenizer, t) for t in tasks]
-    ro = engine.generate(prompts, n=group_size, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, top_k=top_k, generator=generator)
+    ro = engine.generate(prompts, n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                         top_p=s.top_p, top_k=s.top_k, greedy=s.greedy, generator=generator)
     texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
     scores = scorer([(text, tasks[p].answer) for p, text in zip(ro.prompt_index, texts)])
     engine_logp = ro.engine_logp or [None] * len(ro.response_ids)
-    tag = f"b{batch_index}" if batch_index >= 0 else f"v{version}"
     exps = []
     for i, (p_idx, resp, lp, score) in enumerate(zip(ro.prompt_index, ro.response_ids, ro.behav_logp, scores)):
         task = tasks[p_idx]
-        group_id = f"{task.task_id}@{tag}"
         info = {"correct": score.value is not None and score.value >= 1.0, "finished": ro.finished[i]}
-        mask = torch.ones(len(resp))
+        exp = Experience(
+            prompt_ids=torch.tensor(prompts[p_idx], dtype=torch.long), response_ids=resp,
+            response_mask=torch.ones(len(resp)), behav_logp=lp, engine_logp=engine_logp[i],
+            reward=0.0 if score.value is None else score.value, group_id=group_id(task, version, batch_index),
+            task_id=task.task_id, version=version, batch_index=batch_index, info=info)
         if score.fault is not None:
-            info["reward_fault"] = score.fault
-            mask.zero_()
-            group_id += f"#invalid{i}"
-        exps.append(Experience(
-            prompt_ids=torch.tensor(prompts[p_idx], dtype=torch.long), response_ids=resp, response_mask=mask,
-            behav_logp=lp, engine_logp=engine_logp[i], reward=0.0 if score.value is None else score.value,
-            group_id=group_id, task_id=task.task_id, version=version, batch_index=batch_index, info=info,
-        ))
+            make_inert(exp, score, i)
+        exps.append(exp)
     return exps
+
+
+def _single_turn_factory(workflow_cfg) -> Workflow:
+    return single_turn
+
+
+def _multi_turn_factory(workflow_cfg) -> Workflow:
+    from offpolicy.rollout.multi_turn import MultiTurn
+
+    return MultiTurn.from_config(workflow_cfg)
+
+
+# name -> factory(workflow config section) -> Workflow
+WORKFLOWS: dict[str, Callable[[Any], Workflow]] = {"single_turn": _single_turn_factory,
+                                                  "multi_turn": _multi_turn_factory}
+
+
+def register_workflow(name: str, factory: Callable[[Any], Workflow]) -> None:
+    """Add a workflow factory (called with the ``workflow`` config section); refuses a taken name."""
+    if name in WORKFLOWS:
+        raise ValueError(f"workflow {name!r} is already registered; pick another name")
+    WORKFLOWS[name] = factory
+
+
+def build_workflow(workflow_cfg) -> Workflow:
+    """``workflow.name``: a registered workflow, or ``package.module:attr`` (a workflow factory called with
+    the config section, or a workflow function itself)."""
+    import difflib
+    import importlib
+    import inspect
+
+    name = workflow_cfg.name
+    if ":" in name:
+        module, attr = name.split(":", 1)
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"workflow.name: cannot import {name!r}: {e}") from None
+        params = list(inspect.signature(obj).parameters)
+        return obj(workflow_cfg) if len(params) == 1 else obj
+    if name not in WORKFLOWS:
+        close = difflib.get_close_matches(name, list(WORKFLOWS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"workflow.name: unknown workflow {name!r}{hint}; built-in: {sorted(WORKFLOWS)}, or "
+                         "give 'package.module:attr'")
+    return WORKFLOWS[name](workflow_cfg)

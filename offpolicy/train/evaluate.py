@@ -62,3 +62,23 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
     if pass_k:
         out[f"pass@{pass_k}"] = pass_sum / max(len(tasks), 1)
     return out
+
+
+@torch.no_grad()
+def evaluate_workflow(model, engine, workflow, tokenizer, tasks: Sequence, scorer, *, max_new_tokens: int,
+                      batch_size: int = 512) -> dict[str, float]:
+    """Greedy held-out evaluation through the run's workflow (one episode per task): ``accuracy`` and, for
+    multi-turn workflows, ``success`` and the per-episode means (``tool_calls_mean``, ``turns_mean``, ...).
+    For the single-turn workflow this is the same computation as :func:`evaluate`'s greedy accuracy."""
+    from offpolicy.train.metrics import episode_metrics
+    from offpolicy.rollout.workflow import Sampling
+
+    was_training = model.training
+    model.eval()
+    exps = []
+    for i in range(0, len(tasks), batch_size):
+        exps += workflow(engine, tokenizer, tasks[i : i + batch_size], scorer,
+                         sampling=Sampling(group_size=1, max_new_tokens=max_new_tokens, greedy=True), version=0,
+                         batch_index=-1, generator=None)
+    model.train(was_training)
+    return {"accuracy": sum(bool(e.info.get("correct")) for e in exps) / max(len(exps), 1), **episode_metrics(exps)}

@@ -39,3 +39,21 @@ def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl`` (optionally only one ``kind``: 'train' | 'eval')."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def episode_metrics(exps: list) -> dict:
+    """Multi-turn counters (``info["episode"]``): ``<name>_mean`` per episode (turns, tool calls, env
+    seconds, success, ...), and totals for error counts (``tool_errors/<kind>``, ``prefix_failures``)."""
+    episodes = [e.info["episode"] for e in exps if "episode" in e.info]
+    if not episodes:
+        return {}
+    keys = sorted({k for ep in episodes for k in ep})
+    out = {}
+    for k in keys:
+        total = sum(ep.get(k, 0) for ep in episodes)
+        if k.startswith("tool_errors/") or k == "prefix_failures":
+            out[k] = total
+        else:
+            out[f"{k}_mean"] = total / len(episodes)
+    out["success"] = sum(bool(e.info.get("success")) for e in exps) / len(exps)
+    return out

@@ -41,7 +41,7 @@ def test_raising_hanging_and_nan_rewards_are_isolated_per_sample(tmp_path, monke
 
 def test_invalid_samples_do_not_reach_the_loss():
     from offpolicy.rewards.guard import Scored
-    from offpolicy.rollout.workflow import single_turn
+    from offpolicy.rollout.workflow import Sampling, single_turn
     from offpolicy.train.tiny import build_model, build_tokenizer
     from offpolicy.data.arithmetic import generate
     from offpolicy.rollout.engine import HFEngine
@@ -50,7 +50,8 @@ def test_invalid_samples_do_not_reach_the_loss():
     model = build_model(len(tok), hidden=32, layers=1, heads=2, intermediate=64)
     engine = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
     scorer = lambda pairs: [Scored(None, "exception") if i % 2 else Scored(1.0) for i in range(len(pairs))]  # noqa: E731
-    exps = single_turn(engine, tok, generate("train", 2, seed=0), scorer, group_size=4, max_new_tokens=3)
+    exps = single_turn(engine, tok, generate("train", 2, seed=0), scorer, sampling=Sampling(group_size=4,
+                                                                                            max_new_tokens=3))
     bad = [e for i, e in enumerate(exps) if i % 2]
     assert all(e.response_mask.sum() == 0 and e.info["reward_fault"] == "exception" for e in bad)
     assert len({e.group_id for e in bad}) == len(bad)  # each alone: no effect on others' baselines

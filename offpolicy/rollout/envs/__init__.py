@@ -1,0 +1,1 @@
+"""Bundled environments; each module registers itself with :func:`offpolicy.rollout.env.register_env`."""
