@@ -31,7 +31,7 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: str = Field("bundled", description="HF model folder (any AutoModelForCausalLM), or 'bundled' for the tiny arithmetic model in offpolicy/assets.")
+    path: str = Field("bundled", description="HF model folder (any AutoModelForCausalLM), 'bundled' for the tiny arithmetic model in offpolicy/assets, or 'bundled:<name>' for another shipped model (bundled:tiny-calc, the calculator agent).")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the policy (log-probs in the loss are computed in float32 whatever this is).")
     autocast: Literal["bfloat16", "float16"] | None = Field(None, description="Mixed precision: every forward runs under torch.autocast in this dtype while the parameters, gradients and AdamW state stay in model.dtype (use dtype=float32 + autocast=bfloat16: float32 master weights, so updates of lr ~1e-6 are not rounded away as they are on bf16 parameters).")
@@ -41,7 +41,7 @@ class ModelConfig(_Section):
 
 
 class TasksConfig(_Section):
-    name: Literal["arithmetic", "file", "hf", "jsonl"] = Field("arithmetic", description="Task source: generated arithmetic; 'file': JSON lines / Parquet / CSV files (format from the extension; 'jsonl' is an alias); 'hf': a Hugging Face `datasets` dataset (save_to_disk folder, local data folder, or hub name).")
+    name: Literal["arithmetic", "calculator", "file", "hf", "jsonl"] = Field("arithmetic", description="Task source: generated arithmetic; 'calculator': generated multiplications too large to do in the head (for the calculator environment); 'file': JSON lines / Parquet / CSV files (format from the extension; 'jsonl' is an alias); 'hf': a Hugging Face `datasets` dataset (save_to_disk folder, local data folder, or hub name).")
     preset: Literal["gsm8k"] | None = Field(None, description="Fill defaults for a known data set (keys you set win): gsm8k = the GSM8K files ($OFFPOLICY_GSM8K_DIR or ../shared/data/gsm8k), question/answer fields, a '####' system prompt, eval on all 1319 test rows, reward.function=math, rollout.max_new_tokens=512.")
     train_path: str | None = Field(None, description="file: training tasks file; hf: dataset folder or hub name.")
     eval_path: str | None = Field(None, description="file / hf: held-out tasks (default: train_path).")
@@ -96,16 +96,18 @@ class KLConvexConfig(_Section):
 class SelfImitationConfig(_Section):
     """SPEAR self-imitation (a preset's ``self_imitation`` recipe): each field None = the preset's value."""
 
-    enabled: bool | None = Field(None, description="None: as the preset (spear: on, which is not wired yet and is refused at start-up); false: off.")
+    enabled: bool | None = Field(None, description="None: as the preset (spear: on); false: off.")
     horizon: int | None = Field(None, ge=1, description="Steps over which the self-imitation weight ramps 0 -> 1 (spear: 100).")
     tolerate_steps: int | None = Field(None, ge=0, description="Evict replay entries more than N steps older than the newest (spear: 10).")
-    replay_factor: float | None = Field(None, gt=0, description="Replay when candidates above the median exceed factor x buffer size (spear: 1.5).")
+    replay_factor: float | None = Field(None, gt=0, description="Replay when candidates above the median exceed factor x batch_size (spear: 1.5).")
+    history: int | None = Field(None, ge=1, description="Group-mean rewards kept for the P50 baseline of recalibrated advantages (spear: 100).")
+    batch_size: int | None = Field(None, ge=1, description="Replay batch size: at most this many entries per replay pass (spear: None = the rows of a training batch).")
 
 
 class ToolRewardConfig(_Section):
     """SPEAR intrinsic tool-call reward (a preset's ``tool_reward`` recipe): each field None = the preset's value."""
 
-    enabled: bool | None = Field(None, description="None: as the preset (spear: on, which is not wired yet and is refused at start-up); false: off.")
+    enabled: bool | None = Field(None, description="None: as the preset (spear: on; needs workflow.name=multi_turn); false: off.")
     coef: float | None = Field(None, ge=0, description="Reward per tool call at step 0 (spear: 0.1).")
     max_calls: int | None = Field(None, ge=0, description="Calls counted at most (spear: 10).")
     horizon: int | None = Field(None, ge=1, description="Steps over which the tool-call reward decays 1 -> 0 (spear: 200).")
@@ -133,8 +135,8 @@ class AlgorithmConfig(_Section):
     replay: ReplayConfig = Field(ReplayConfig(), description="ReMix replay recipe (presets that have one: remix).")
     kl_convex: KLConvexConfig = Field(KLConvexConfig(), description="ReMix KL-Convex schedule of the KL term (presets that have one: remix).")
     reincarnation_step: int | None = Field(None, ge=0, description="ReMix policy reincarnation at step T: the KL base becomes pi_T and replay stops; None = the preset's (remix: 50), 0 = never.")
-    self_imitation: SelfImitationConfig = Field(SelfImitationConfig(), description="SPEAR self-imitation replay (presets that have one: spear; not wired yet).")
-    tool_reward: ToolRewardConfig = Field(ToolRewardConfig(), description="SPEAR tool-call reward schedule (presets that have one: spear; not wired yet).")
+    self_imitation: SelfImitationConfig = Field(SelfImitationConfig(), description="SPEAR self-imitation replay (presets that have one: spear).")
+    tool_reward: ToolRewardConfig = Field(ToolRewardConfig(), description="SPEAR tool-call reward schedule (presets that have one: spear).")
 
 
 class TrainConfig(_Section):
@@ -238,7 +240,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
         t = self.tasks
-        if t.name != "arithmetic" and not t.train_path:
+        if t.name not in ("arithmetic", "calculator") and not t.train_path:
             raise ValueError(f"tasks.name={t.name} needs tasks.train_path")
         if isinstance(t.few_shot, int) and t.few_shot < 0:
             raise ValueError(f"tasks.few_shot={t.few_shot} must be >= 0 (or a file of examples)")
@@ -250,6 +252,9 @@ class Config(_Section):
                              "environment, turns or tools)")
         if w.name == "multi_turn" and w.env is None:
             raise ValueError("workflow.name=multi_turn needs workflow.env (e.g. calculator)")
+        if w.name == "multi_turn" and self.reward.function != RewardConfig.model_fields["function"].default:
+            raise ValueError(f"reward.function={self.reward.function}: in a multi_turn workflow the environment "
+                             f"({w.env}) scores the final answer; choose its reward through workflow.env_args")
         if self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: group-relative advantages need at "
                              "least 2 responses per task (a group of one has no baseline)")

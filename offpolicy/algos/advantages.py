@@ -148,3 +148,9 @@ def asymre(rewards_N: Tensor, group_ids_N: Tensor, *, shift: float = -0.1) -> Te
     """
     mean_N = group_stats(rewards_N, group_ids_N)[0]
     return rewards_N - (mean_N + shift)
+
+
+@builtin("advantage", "identity")
+def identity(rewards_N: Tensor, group_ids_N: Tensor) -> Tensor:
+    """``A_i = r_i``: the "rewards" already are advantages (SPEAR's recalibrated replay items)."""
+    return rewards_N.clone()

@@ -44,6 +44,8 @@ class SelfImitationSettings(NamedTuple):
     horizon: int = 100
     tolerate_steps: int = 10
     replay_factor: float = 1.5
+    history: int = 100  # group means kept for the P50 baseline
+    batch_size: int | None = None  # replay batch size (None: the rows of a training batch)
 
 
 class ToolRewardSettings(NamedTuple):

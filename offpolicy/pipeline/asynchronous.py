@@ -216,8 +216,8 @@ def _train(ctx, explorer: _ExplorerProcess, buffer, strategy, loop: TrainLoop, s
     cursor = {start["batch"] - 1: start["explorer"]} if state else {}
 
     def save(step: int, eval_after: dict | None = None) -> None:
-        checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy, eval_before=loop.eval_before,
-                       last_eval=loop.last_eval, next_batch=step, eval_after=eval_after)
+        checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy,
+                       trainer_state=loop.state_dict(), next_batch=step, eval_after=eval_after)
 
     with StopRequest() as stop:
         t0 = time.perf_counter()

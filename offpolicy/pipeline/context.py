@@ -91,6 +91,11 @@ def task_source(cfg: Config, tokenizer=None) -> tuple[Iterator, list]:
             held_out = arithmetic.generate("eval", t.eval_size, seed=t.seed, levels=levels)
             shots = ([] if isinstance(t.few_shot, str) else
                      arithmetic.generate("train", t.few_shot, seed=t.seed + 1, levels=levels) if t.few_shot else [])
+        elif t.name == "calculator":
+            from offpolicy.data import calculator
+
+            train, held_out = calculator.stream(seed=t.seed), calculator.generate("eval", t.eval_size, seed=t.seed)
+            shots = []
         else:
             kind = "hf" if t.name == "hf" else "file"
             kw = {"kind": kind, "prompt_key": t.prompt_key, "answer_key": t.answer_key, "subset": t.subset}

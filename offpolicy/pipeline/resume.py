@@ -69,17 +69,19 @@ def roll_back_metrics(run_dir: Path, step: int) -> int:
     return len(moved)
 
 
-def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, eval_before: dict, last_eval: float,
+def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, trainer_state: dict,
                    next_batch: int | None = None, eval_after: dict | None = None) -> Path:
     """Save the whole run state after ``step`` (see :mod:`offpolicy.train.checkpoint`).
+
+    ``trainer_state``: ``TrainLoop.state_dict()`` (the evaluation before training, the last held-out
+    accuracy, SPEAR's self-imitation buffer when there is one).
 
     ``explorer_state``: the explorer's cursor before batch ``next_batch`` (default: ``step``), as
     ``Explorer.state_dict()`` gives it (its ``generator`` state is bytes and is saved as they are).
     """
     state = {"version": step, "next_batch": step if next_batch is None else next_batch,
              "explorer": {"tasks_consumed": explorer_state["tasks_consumed"]},
-             "strategy": strategy.state_dict(), "eval_before": eval_before, "last_eval": last_eval,
-             "eval_after": eval_after}
+             "strategy": strategy.state_dict(), **trainer_state, "eval_after": eval_after}
     return save_checkpoint(ctx.run_dir, step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                            state=state, generators={"explorer": explorer_state["generator"]},
                            keep=ctx.cfg.checkpoint.keep)

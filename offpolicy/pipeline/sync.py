@@ -40,7 +40,7 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
 
     def save(step: int, explorer_state: dict | None = None, eval_after: dict | None = None) -> None:
         checkpoint_run(ctx, step, explorer_state=explorer_state or explorer.state_dict(), strategy=strategy,
-                       eval_before=loop.eval_before, last_eval=loop.last_eval, eval_after=eval_after)
+                       trainer_state=loop.state_dict(), eval_after=eval_after)
 
     try:
         with StopRequest() as stop:

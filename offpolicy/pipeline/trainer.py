@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from offpolicy.algos import tool_call_reward, tool_call_reward_weight
 from offpolicy.data.experience import Experience, collate
 from offpolicy.pipeline.context import RunContext
 from offpolicy.pipeline.resume import RunStopped
@@ -94,6 +95,15 @@ class TrainLoop:
             import copy
 
             self.prev_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.sil = None  # SPEAR self-imitation (its buffer is part of the checkpoint)
+        if "self_imitation" in ctx.algo.settings:
+            from offpolicy.pipeline.self_imitation import SelfImitation
+
+            rows = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+            self.sil = SelfImitation(ctx.algo.settings["self_imitation"], agg_fn=ctx.algo.agg_fn, plan=ctx.plan,
+                                     batch_size=rows, seed=self.cfg.train.seed)
+            if resumed and resumed.get("self_imitation"):
+                self.sil.load_state_dict(resumed["self_imitation"])
         if resumed:
             self.eval_before, self.last_eval = resumed["eval_before"], resumed["last_eval"]
         else:
@@ -113,17 +123,34 @@ class TrainLoop:
         """Train step ``step`` (1-based; trainer version ``step - 1`` before it) on ``exps``; its record."""
         ctx = self.ctx
         t0 = time.perf_counter()
+        metrics = batch_metrics(exps, step - 1)  # of the task reward, before any shaping
+        tool = ctx.algo.settings.get("tool_reward")
+        if tool is not None:  # SPEAR's intrinsic tool-call reward, decaying over tool.horizon steps
+            bonus = [tool_call_reward(e.info.get("episode", {}).get("tool_calls", 0), step, tool.horizon,
+                                      coef=tool.coef, max_calls=tool.max_calls) for e in exps]
+            exps = [replace(e, reward=e.reward + b) for e, b in zip(exps, bonus)]
+            metrics.update(tool_reward_mean=sum(bonus) / len(bonus),
+                           tool_reward_weight=tool_call_reward_weight(step, tool.horizon))
         batch = collate(exps, ctx.tokenizer.pad_token_id)
         start = None  # pi_k, which becomes pi_{k-1} for the next step
         if self.prev_model is not None:
             start = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         stats = train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan, ref_model=ctx.ref_model,
                            prev_model=self.prev_model, step=step)
+        if self.sil is not None:
+            stats.update(self.sil.after_step(ctx, exps, ctx.algo.adv_fn(batch.rewards_B, batch.group_ids_B), step))
         ctx.scheduler.step()
         if start is not None:
             self.prev_model.load_state_dict(start)
-        return {"kind": "train", "step": step, "version": step - 1, **batch_metrics(exps, step - 1),
-                **stats, "train_s": time.perf_counter() - t0}
+        return {"kind": "train", "step": step, "version": step - 1, **metrics, **stats,
+                "train_s": time.perf_counter() - t0}
+
+    def state_dict(self) -> dict:
+        """The trainer-side state a checkpoint needs beyond weights and optimiser."""
+        state = {"eval_before": self.eval_before, "last_eval": self.last_eval}
+        if self.sil is not None:
+            state["self_imitation"] = self.sil.state_dict()
+        return state
 
     def step(self, step: int, exps: list[Experience], t0: float, timings: dict, *, save, stop,
              after_train=None) -> None:

@@ -18,8 +18,12 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def resolve_model_path(path: str) -> Path:
-    """'bundled' -> the shipped tiny model; otherwise the folder, checked to look like a HF model."""
-    folder = BUNDLED if path == "bundled" else Path(path).expanduser()
+    """'bundled' -> the shipped tiny arithmetic model, 'bundled:<name>' -> ``offpolicy/assets/<name>``
+    (e.g. ``bundled:tiny-calc``, the calculator agent); otherwise the folder, checked to look like a HF model."""
+    if path.startswith("bundled:"):
+        folder = BUNDLED.parent / path.split(":", 1)[1]
+    else:
+        folder = BUNDLED if path == "bundled" else Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"model.path: {folder} is not a directory")
     if not (folder / "config.json").is_file():

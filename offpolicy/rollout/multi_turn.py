@@ -15,8 +15,9 @@ is appended with mask 0 and ``behav_logp`` 0:
 
 The episode ends when the environment says so (a turn without a tool call is the final answer), after
 ``max_turns`` model turns, or at ``max_total_tokens`` response tokens (model and environment). Its reward
-is the run's reward function on the last model turn (fault-isolated, as single-turn) plus the
-environment's step rewards. ``info["episode"]`` carries the counters the trainer logs per step: turns,
+is the sum of the environment's step rewards (the environment scores the final answer: it knows its
+format); ``info["success"]`` comes from the environment too. An episode whose reward faulted
+(``info["reward_fault"]`` from the environment) is made inert, as in the single-turn workflow. ``info["episode"]`` carries the counters the trainer logs per step: turns,
 tool calls, tool errors by kind, environment seconds, prefix failures. The rollout engine recomputes each
 turn's context (no KV cache carried across turns yet).
 """
@@ -34,6 +35,7 @@ import torch
 
 from offpolicy.data.experience import Experience
 from offpolicy.rollout.env import Env, StepResult, accepts, make_env_factory, resolve_env
+from offpolicy.rewards.guard import Scored
 from offpolicy.rollout.workflow import Sampling, Scorer, encode_prompt, group_id, make_inert
 
 
@@ -51,6 +53,7 @@ class Episode:
     engine: list[float] = field(default_factory=list)
     last_text: str = ""
     env_reward: float = 0.0
+    fault: str | None = None
     done: bool = False
     stats: Counter = field(default_factory=Counter)
 
@@ -83,8 +86,7 @@ class MultiTurn:
     def __call__(self, engine, tokenizer, tasks: Sequence, scorer: Scorer, *, sampling: Sampling, version: int = 0,
                  batch_index: int = -1, generator: torch.Generator | None = None) -> list[Experience]:
         episodes = asyncio.run(self._episodes(engine, tokenizer, tasks, sampling, generator))
-        scores = scorer([(e.last_text, e.task.answer) for e in episodes])
-        return [self._experience(e, s, i, version, batch_index) for i, (e, s) in enumerate(zip(episodes, scores))]
+        return [self._experience(e, i, version, batch_index) for i, e in enumerate(episodes)]
 
     async def _episodes(self, engine, tokenizer, tasks, sampling: Sampling, generator) -> list[Episode]:
         episodes = []
@@ -133,10 +135,12 @@ class MultiTurn:
     def _observe(self, e: Episode, res: StepResult, tokenizer, turn: int) -> None:
         """Merge the step's info; end the episode, or append the observation's tokens (mask 0)."""
         for k, v in res.info.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                e.stats[k] += v
-            elif isinstance(v, bool):
+            if isinstance(v, bool):
                 e.stats[k] = int(v)
+            elif isinstance(v, (int, float)):
+                e.stats[k] += v
+            elif k == "reward_fault":
+                e.fault = str(v)
         e.env_reward += res.reward
         room = self.max_total_tokens - len(e.ids)
         if res.done or e.stats["turns"] >= self.max_turns or room <= 0:
@@ -166,9 +170,9 @@ class MultiTurn:
                   f"(task {e.task.task_id}, first difference at token {at}); the episode stops there and is not "
                   "trained on (counted in prefix_failures)", file=sys.stderr)
 
-    def _experience(self, e: Episode, score, row: int, version: int, batch_index: int) -> Experience:
-        correct = score.value is not None and score.value >= 1.0
-        reward = (0.0 if score.value is None else score.value) + e.env_reward
+    def _experience(self, e: Episode, row: int, version: int, batch_index: int) -> Experience:
+        correct = bool(e.stats.pop("success", 0))
+        reward = e.env_reward
         stats = {k: v for k, v in e.stats.items()}
         stats.setdefault("tool_calls", 0)
         stats.setdefault("prefix_failures", 0)
@@ -178,8 +182,8 @@ class MultiTurn:
             engine_logp=torch.tensor(e.engine) if e.engine != e.behav else None, reward=reward,
             group_id=group_id(e.task, version, batch_index), task_id=e.task.task_id, version=version,
             batch_index=batch_index, info={"correct": correct, "success": correct, "episode": stats})
-        if score.fault is not None:
-            make_inert(exp, score, row)
+        if e.fault is not None:
+            make_inert(exp, Scored(None, e.fault), row)
         elif stats["prefix_failures"]:
             exp.response_mask = torch.zeros_like(exp.response_mask)
             exp.group_id += f"#prefix{row}"

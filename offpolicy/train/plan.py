@@ -30,9 +30,8 @@ from offpolicy.algos.registry import bound_params
 from offpolicy.config import Config, ConfigError
 
 # recipe settings the pipeline acts on; any other in force is refused at start-up (see check_wired)
-WIRED = ("replay", "kl_convex", "reincarnation_step")
-NOT_WIRED = {"self_imitation": "SPEAR's self-imitation replay buffer and its replay pass",
-             "tool_reward": "SPEAR's intrinsic tool-call reward (needs a tool-using workflow)"}
+WIRED = ("replay", "kl_convex", "reincarnation_step", "self_imitation", "tool_reward")
+NOT_WIRED: dict[str, str] = {}  # recipe -> what it is, for recipes declared by a preset but not acted on yet
 
 
 @dataclass(frozen=True)
@@ -95,6 +94,10 @@ _OLD = {"unused": "unused",
 def build_plan(cfg: Config, algo) -> StepPlan:
     """The plan for ``cfg`` and its bound algorithm; ConfigError for a combination that cannot be honoured."""
     check_wired(algo)
+    if "tool_reward" in algo.settings and cfg.workflow.name == "single_turn":
+        raise ConfigError(f"algorithm.preset={algo.preset}: its tool_reward recipe counts tool calls, which a "
+                          "single_turn workflow never makes; use workflow.name=multi_turn with a tool environment, "
+                          "or set algorithm.tool_reward.enabled=false")
     t, r = cfg.train, cfg.rollout
     loss_reads = algo.loss_reads
     reads = algo.reads

@@ -119,7 +119,7 @@ def step_logprobs(model, batch: Batch, plan: StepPlan, *, ref_model=None, prev_m
 
 def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: dict[str, torch.Tensor],
                     algo: Algorithm, plan: StepPlan, *, step: int, sums: dict[str, float],
-                    first: bool) -> None:
+                    first: bool, loss_weight: float = 1.0) -> None:
     """Accumulate gradients over micro-batches (normalised by this mini-batch's totals), then step.
 
     ``given``: the plan's per-batch log-probs for these rows. ``first``: the first optimiser step of the
@@ -151,7 +151,7 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: 
             add(f"reg/{reg.func.__name__}", term)
             for k, v in reg_out.stats.items():
                 add(k, w * _stat(v))
-        loss.backward()
+        (loss * loss_weight if loss_weight != 1.0 else loss).backward()
         losses.append(loss.detach())
         add("loss", loss)
         add("entropy", agg(entropy_BT.detach(), mb.mask_BT))
@@ -185,13 +185,14 @@ def _engine_mismatch(mb: Batch, logp_BT: torch.Tensor, step: int, sums: dict[str
 
 
 def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, *, ref_model=None,
-               prev_model=None, step: int = 1) -> dict[str, float]:
+               prev_model=None, step: int = 1, loss_weight: float = 1.0) -> dict[str, float]:
     """Train on one batch: ``plan.updates_per_batch`` passes, each of ``plan.mini_batches`` optimiser steps.
 
     Advantages are computed once per batch, and so are the log-probs the plan lists (see
     :func:`step_logprobs`); ``batch`` is left as it was. ``ref_model`` (the reference) and ``prev_model``
     (pi_{k-1}, kept one step behind by the caller) are needed when the plan reads them. ``step``: the
-    trainer step (1-based; the batch's fresh rows were sampled with version ``step - 1``). Statistics are
+    trainer step (1-based; the batch's fresh rows were sampled with version ``step - 1``). ``loss_weight``
+    scales the loss that is backpropagated (SPEAR's self-imitation weight; the logged loss is unscaled). Statistics are
     means over the optimiser steps. An optimiser step whose loss or gradient norm is not finite is
     skipped (gradients dropped, weights and optimiser state untouched) and counted in ``skipped_steps``.
     """
@@ -206,7 +207,7 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, 
     for _ in range(plan.updates_per_batch):
         for rows in torch.arange(len(batch)).tensor_split(plan.mini_batches):
             _optimizer_step(model, optimizer, batch.select(rows), adv_B[rows], {k: v[rows] for k, v in given.items()},
-                            algo, plan, step=step, sums=sums, first=n_steps == 0)
+                            algo, plan, step=step, sums=sums, first=n_steps == 0, loss_weight=loss_weight)
             n_steps += 1
     skipped = sums.pop("skipped", 0.0)
     engine = {k: sums.pop(f"_engine_{k}") for k in ("sum", "n", "max")}

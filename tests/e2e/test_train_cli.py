@@ -95,7 +95,7 @@ def test_presets_command_lists_and_describes(capsys):
     (["algorithm.preset=remix", "algorithm.kl_coef=0", "algorithm.kl_convex.start=10"],
      "algorithm.kl_convex shapes the KL term, but algorithm.kl_coef=0"),
     (["algorithm.reincarnation_step=5"], "preset 'grpo' has no reincarnation recipe"),
-    (["algorithm.preset=spear"], "not wired into the pipeline yet: self_imitation"),
+    (["algorithm.preset=spear"], "its tool_reward recipe counts tool calls, which a single_turn workflow never makes"),
     (["algorithm.extra_params.mix_prob=0.3"], "unknown config key 'algorithm.extra_params'"),
 ])
 def test_recipe_settings_nothing_acts_on_are_rejected(overrides, message, capsys, tmp_path):

@@ -77,7 +77,7 @@ def test_explorer_generator_state_is_saved_and_restored_as_bytes(tmp_path):
     torch.rand(5, generator=gen)  # somewhere mid-stream
     saved = bytes(gen.get_state().numpy())
     checkpoint_run(ctx, 3, explorer_state={"tasks_consumed": 12, "generator": saved}, strategy=make_strategy("fifo"),
-                   eval_before={}, last_eval=0.0)
+                   trainer_state={"eval_before": {}, "last_eval": 0.0})
     state = restore_run(ctx, strategy=make_strategy("fifo"), buffer=MemoryBuffer())
     assert state["step"] == 3 and state["explorer"] == {"tasks_consumed": 12, "generator": saved}
     again = torch.Generator()

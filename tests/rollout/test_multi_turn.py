@@ -58,7 +58,7 @@ class ScriptedCalc:
         if action.startswith("["):
             a, b = action.strip("[]").split("*")
             return StepResult(f"{{{int(a) * int(b)}}}", info={"tool_calls": 1})
-        return StepResult(done=True, info={"success": action == "36"})
+        return StepResult(reward=float(action == "36"), done=True, info={"success": action == "36"})
 
 
 def _run(tok, turns, env_cls=ScriptedCalc, **kw):
@@ -136,7 +136,9 @@ class ChatEnv:
         return ""
 
     async def step(self, action):
-        return StepResult("r", info={"tool_calls": 1}) if action.startswith("c") else StepResult(done=True)
+        if action.startswith("c"):
+            return StepResult("r", info={"tool_calls": 1})
+        return StepResult(reward=float(action == "42"), done=True, info={"success": action == "42"})
 
 
 class ChatEngine:
