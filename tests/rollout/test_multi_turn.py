@@ -184,3 +184,39 @@ def test_a_template_that_retokenises_is_caught_and_not_trained(capsys):
     assert e.response_mask.sum() == 0 and "#prefix" in e.group_id
     err = capsys.readouterr().err
     assert "does not extend the previous turn's token ids at turn 1" in err and "task t" in err
+
+
+def test_hermes_episode_with_the_smoke_qwen2_chat_template(smoke_model_dir):
+    """One tool episode through apply_chat_template(tools=...) and the Hermes parser: the model's call turn,
+    the tool message rendered by the template (mask 0, extending the ids exactly), the final answer."""
+    from offpolicy.rollout.env import make_env_factory
+    from offpolicy.rollout.model import load_tokenizer
+
+    tok = load_tokenizer(str(smoke_model_dir))
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "482*77"}}\n</tool_call>'
+    turns = [tok(call, add_special_tokens=False)["input_ids"], tok("37114", add_special_tokens=False)["input_ids"]]
+
+    class Engine:
+        def __init__(self):
+            self.contexts = []
+
+        def generate(self, prompts, **kw):
+            ids = turns[len(self.contexts)] + [tok.eos_token_id]
+            self.contexts.append(list(prompts[0]))
+            return Rollouts([0], [torch.tensor(ids)], [torch.full((len(ids),), -0.25)], [True])
+
+    engine = Engine()
+    wf = MultiTurn(make_env_factory("calculator", format="hermes"), max_turns=3, max_total_tokens=400)
+    (e,) = wf(engine, tok, [Task("t", "What is 482*77?", "37114")], GuardedReward(exact_match, timeout_s=None),
+              sampling=Sampling(group_size=1, max_new_tokens=100))
+    prompt = engine.contexts[0]
+    assert "calculator" in tok.decode(prompt)  # the tool's schema is in the rendered system block
+    assert e.info["episode"]["prefix_failures"] == 0 and e.info["episode"]["tool_calls"] == 1
+    assert e.info["correct"] and e.reward == 1.0
+    ids, mask = e.response_ids.tolist(), e.response_mask.tolist()
+    n1 = len(turns[0]) + 1
+    obs = len(engine.contexts[1]) - len(prompt) - n1
+    assert mask == [1] * n1 + [0] * obs + [1] * (len(turns[1]) + 1)
+    assert engine.contexts[1] == prompt + ids[: n1 + obs]  # the template extended the ids exactly
+    assert "<tool_response>" in tok.decode(ids[n1 : n1 + obs]) and "37114" in tok.decode(ids[n1 : n1 + obs])
+    assert e.behav_logp.tolist() == [-0.25] * n1 + [0.0] * obs + [-0.25] * (len(turns[1]) + 1)
