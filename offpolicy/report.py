@@ -26,6 +26,7 @@ class RunCurves:
     train_steps: list[int] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
     staleness: list[float] = field(default_factory=list)
+    tool_calls: list[float] = field(default_factory=list)  # per episode, per train step (multi-turn runs only)
 
 
 def run_label(cfg: dict) -> str:
@@ -51,6 +52,8 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
         curves.train_steps.append(r["step"])
         curves.entropy.append(r.get("entropy", math.nan))
         curves.staleness.append(r.get("staleness_mean", 0.0))
+        if "tool_calls_mean" in r:
+            curves.tool_calls.append(r["tool_calls_mean"])
     for r in evals:
         rollouts, secs = by_step.get(r["step"], (0, 0.0))
         curves.steps.append(r["step"])
@@ -97,7 +100,8 @@ def _smooth(ys: list[float], k: int = 10) -> list[float]:
 
 
 def dashboard(runs: list[RunCurves], out_png: str | Path, title: str = "") -> Path:
-    """One PNG: accuracy vs steps / rollouts / seconds, entropy and staleness vs steps."""
+    """One PNG: accuracy vs steps / rollouts / seconds, entropy and staleness vs steps, and tool calls per
+    episode vs steps when the runs are multi-turn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +109,8 @@ def dashboard(runs: list[RunCurves], out_png: str | Path, title: str = "") -> Pa
 
     labels = list(dict.fromkeys(r.label for r in runs))
     colors = {lab: plt.cm.tab10(i % 10) for i, lab in enumerate(labels)}
-    fig, axes = plt.subplots(1, 5, figsize=(24, 4.2))
+    tools = any(r.tool_calls for r in runs)
+    fig, axes = plt.subplots(1, 6 if tools else 5, figsize=(28.8 if tools else 24, 4.2))
     panels = [("steps", "step"), ("rollouts", "rollouts generated"), ("seconds", "wall-clock s")]
     for ax, (attr, xlabel) in zip(axes[:3], panels):
         for r in runs:
@@ -116,6 +121,11 @@ def dashboard(runs: list[RunCurves], out_png: str | Path, title: str = "") -> Pa
         axes[4].plot(r.train_steps, r.staleness, lw=1, alpha=0.8, color=colors[r.label])
     axes[3].set(xlabel="step", ylabel="entropy (10-step mean)")
     axes[4].set(xlabel="step", ylabel="mean staleness (versions)")
+    if tools:
+        for r in runs:
+            axes[5].plot(r.train_steps[: len(r.tool_calls)], _smooth(r.tool_calls), lw=1, alpha=0.8,
+                         color=colors[r.label])
+        axes[5].set(xlabel="step", ylabel="tool calls per episode (10-step mean)")
     handles = [plt.Line2D([], [], color=colors[lab], label=lab) for lab in labels]
     fig.legend(handles=handles, loc="upper center", ncol=min(len(labels), 6), frameon=False)
     if title:

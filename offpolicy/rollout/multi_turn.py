@@ -125,10 +125,17 @@ class MultiTurn:
             if first:
                 e.prompt_ids += tokenizer(first, add_special_tokens=False)["input_ids"]
 
-    @staticmethod
-    async def _step(e: Episode) -> StepResult:
+    async def _step(self, e: Episode) -> StepResult:
+        """``env.step``; an environment that raises ends its episode as inert (``env_exception``), reported once."""
         t0 = time.perf_counter()
-        res = await e.env.step(e.last_text)
+        try:
+            res = await e.env.step(e.last_text)
+        except Exception as exc:  # a user environment may raise anything; the episode is isolated
+            if "env" not in self.reported:
+                self.reported.add("env")
+                print(f"multi_turn: the environment raised on task {e.task.task_id}: {exc!r}; the episode is not "
+                      "trained on (reward_faults/env_exception)", file=sys.stderr)
+            res = StepResult(done=True, info={"reward_fault": "env_exception"})
         e.stats["env_s"] += time.perf_counter() - t0
         return res
 

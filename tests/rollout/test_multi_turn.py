@@ -220,3 +220,15 @@ def test_hermes_episode_with_the_smoke_qwen2_chat_template(smoke_model_dir):
     assert engine.contexts[1] == prompt + ids[: n1 + obs]  # the template extended the ids exactly
     assert "<tool_response>" in tok.decode(ids[n1 : n1 + obs]) and "37114" in tok.decode(ids[n1 : n1 + obs])
     assert e.behav_logp.tolist() == [-0.25] * n1 + [0.0] * obs + [-0.25] * (len(turns[1]) + 1)
+
+
+class RaisingEnv(ScriptedCalc):
+    async def step(self, action):
+        raise RuntimeError("the environment broke")
+
+
+def test_an_environment_that_raises_isolates_its_episode(tok, capsys):
+    exps, _ = _run(tok, ["[12*3]"], env_cls=RaisingEnv)
+    (e,) = exps
+    assert e.info["reward_fault"] == "env_exception" and e.response_mask.sum() == 0 and e.reward == 0.0
+    assert "the environment raised on task t0" in capsys.readouterr().err
