@@ -112,7 +112,9 @@ def _cmd_eval(args) -> int:
     from offpolicy.train.evaluate import evaluate
 
     cfg = load_config(args.config, [*_eval_task_overrides(args.tasks), *args.overrides])
-    torch.set_num_threads(cfg.train.threads)
+    from offpolicy.threads import available_cpus
+
+    torch.set_num_threads(cfg.train.threads or available_cpus())
     model_path = args.model or cfg.model.path
     model, tok = load_policy(model_path, device=cfg.model.device, dtype=cfg.model.dtype)
     tasks = task_source(cfg, tok)[1][: args.limit or None]

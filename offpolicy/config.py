@@ -154,7 +154,7 @@ class TrainConfig(_Section):
     mini_batches: int = Field(1, ge=1, description="Optimiser steps per pass over a batch (the batch is split in whole groups' rows).")
     old_logp: Literal["auto", "recompute", "behav"] = Field("auto", description="PPO's pi_old for losses that read old_logp: 'recompute' = the trainer's log-probs at the step start (pi_k); 'behav' = the log-probs recorded when sampling (the policy that generated the data, as PPO/GRPO define pi_old; the built-in engine shares the trainer's numerics); 'auto' = behav when the data can be stale (async with a staleness bound > 0), else recompute.")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
-    threads: int = Field(2, ge=1, description="torch intra-op threads.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads of the trainer; None = from the CPUs this process may use (affinity, cgroup quota): all of them in sync mode, those the explorer leaves in async mode.")
 
 
 class PipelineConfig(_Section):
@@ -162,7 +162,7 @@ class PipelineConfig(_Section):
     sync_interval: int = Field(1, ge=1, description="Publish weights to the explorer every k trainer steps.")
     sync_offset: int = Field(0, ge=0, description="The explorer runs n batches ahead: batch e is generated with weights of version e - n (rounded down to a multiple of sync_interval).")
     max_staleness: int | None = Field(None, ge=0, description="Bound on trainer version - generating version; None = sync_offset + sync_interval - 1 (the least that the schedule needs).")
-    explorer_threads: int = Field(1, ge=1, description="torch threads of the explorer process (async).")
+    explorer_threads: int | None = Field(None, ge=1, description="torch threads of the explorer process (async); None = half the CPUs this process may use (at least 1), so explorer + trainer never exceed them.")
 
 
 class BufferConfig(_Section):

@@ -49,7 +49,9 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports,
     alive = lambda: not stop.is_set() and _pid_alive(parent_pid)  # noqa: E731
     try:
         cfg = Config.model_validate_json(cfg_json)
-        torch.set_num_threads(cfg.pipeline.explorer_threads)
+        from offpolicy.threads import thread_split
+
+        torch.set_num_threads(thread_split("async", cfg.train.threads, cfg.pipeline.explorer_threads)[1])
         model, tokenizer = policy_from_config(cfg.model, training=False)  # the trainer's structure (LoRA too)
         job = None
         while job is None:

@@ -228,7 +228,9 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
     """Validate the algorithm and workflow first (cheap), then load the model and build the optimiser."""
     from offpolicy.rollout.model import policy_from_config, reference_policy
 
-    torch.set_num_threads(cfg.train.threads)
+    from offpolicy.threads import thread_split
+
+    torch.set_num_threads(thread_split(cfg.pipeline.mode, cfg.train.threads, cfg.pipeline.explorer_threads)[0])
     algo, plan = bind_algorithm(cfg)
     check_workflow(cfg)
     reward_fn = reward_function(cfg)
