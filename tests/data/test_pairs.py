@@ -1,0 +1,140 @@
+"""Preference pairs: the standard format (text and conversational rows) from each source, row errors with
+their place, token ids (prefix property under a real chat template), arithmetic pairs."""
+
+import json
+
+import pytest
+
+from offpolicy.data.arithmetic import generate
+from offpolicy.data.pairs import Pair, arithmetic_pairs, load_pairs, pair_token_ids, response_ids, write_pairs
+from offpolicy.data.task_files import DatasetError
+from offpolicy.rollout.model import BUNDLED, load_tokenizer
+
+U = {"role": "user", "content": "What is 2+3?"}
+SYS = {"role": "system", "content": "Answer with a number."}
+GOOD = {"role": "assistant", "content": "5"}
+BAD = {"role": "assistant", "content": "6"}
+
+TEXT_ROW = {"prompt": "2+3=", "chosen": "5", "rejected": "6"}
+CHAT_ROW = {"prompt": [SYS, U], "chosen": [GOOD], "rejected": [BAD]}
+IMPLICIT_ROW = {"chosen": [SYS, U, GOOD], "rejected": [SYS, U, BAD]}  # no prompt: the shared prefix is it
+
+
+def jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_text_and_conversational_rows_load_without_conversion(tmp_path):
+    f = jsonl(tmp_path / "prefs.jsonl", [TEXT_ROW, CHAT_ROW, IMPLICIT_ROW, {**TEXT_ROW, "margin": 1.5, "extra": 0}])
+    text, chat, implicit, margin = load_pairs(f)
+    assert (text.prompt, text.chosen, text.rejected, text.conversational) == ("2+3=", "5", "6", False)
+    assert text.pair_id == "prefs-1" and text.where == f"{f}:1"
+    assert chat.conversational and chat.prompt_messages == (SYS, U)
+    assert (chat.chosen_messages, chat.rejected_messages) == ((GOOD,), (BAD,))
+    assert (chat.prompt, chat.chosen, chat.rejected) == ("What is 2+3?", "5", "6")
+    assert implicit.prompt_messages == chat.prompt_messages and implicit.chosen_messages == (GOOD,)
+    assert margin.margin == 1.5 and text.margin is None
+
+
+def test_parquet_and_datasets_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [CHAT_ROW, {"prompt": [U], "chosen": [BAD], "rejected": [GOOD]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    a, b = load_pairs(tmp_path / "p.parquet")
+    assert a.chosen_messages == (GOOD,) and b.prompt_messages == (U,) and b.where == f"{tmp_path / 'p.parquet'} row 1"
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([TEXT_ROW] * 2),
+                          "test": datasets.Dataset.from_list([{**TEXT_ROW, "chosen": "4+1"}])}).save_to_disk(
+        str(tmp_path / "ds"))
+    assert len(load_pairs(tmp_path / "ds")) == 2
+    (p,) = load_pairs(tmp_path / "ds", split="test")
+    assert p.chosen == "4+1" and p.where.endswith("[test] row 0")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "2+3=", "chosen": "5"}, "missing field 'rejected'"),
+    ({"chosen": "5", "rejected": "6"}, "missing field 'prompt'"),  # text rows need their prompt
+    ({**TEXT_ROW, "chosen": "  "}, "field 'chosen' is empty"),
+    ({**TEXT_ROW, "rejected": 6}, "field 'rejected' holds a int"),
+    ({**TEXT_ROW, "rejected": "5"}, "'chosen' and 'rejected' are the same"),
+    ({**CHAT_ROW, "rejected": [GOOD]}, "'chosen' and 'rejected' are the same"),
+    ({"chosen": [U, GOOD], "rejected": [U, GOOD]}, "same conversation"),
+    ({"chosen": [U, GOOD], "rejected": [U]}, "prefix of the other"),
+    ({"chosen": [GOOD], "rejected": [BAD]}, "share no leading messages"),
+    ({**CHAT_ROW, "chosen": "5"}, "are message lists but chosen is text"),
+    ({**CHAT_ROW, "chosen": [{"role": "assistant"}]}, "message 0 must be an object"),
+    ({**CHAT_ROW, "chosen": []}, "empty message list"),
+    ({**CHAT_ROW, "chosen": [U, GOOD]}, "must start with an assistant message"),
+    ({**TEXT_ROW, "margin": "big"}, "'margin' must be a finite number"),
+    ("[1, 2]", "expected a JSON object"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, row, message):
+    f = jsonl(tmp_path / "bad.jsonl", [TEXT_ROW, "", row])  # the bad row is on line 3 (line 2 is blank)
+    with pytest.raises(DatasetError) as e:
+        load_pairs(f)
+    assert str(e.value).startswith(f"{f}:3: ") and message in str(e.value)
+
+
+def test_empty_and_unknown_sources(tmp_path):
+    with pytest.raises(DatasetError, match="no preference pairs"):
+        load_pairs(jsonl(tmp_path / "empty.jsonl", []))
+    with pytest.raises(DatasetError, match="unknown task file format"):
+        load_pairs(tmp_path / "pairs.txt")
+
+
+def test_plain_pair_ids_bundled_tokenizer():
+    tok = load_tokenizer(BUNDLED)
+    ids = pair_token_ids(tok, Pair("p", "37+48=", "85", "75"))
+    assert ids.prompt_ids == tok("37+48=")["input_ids"] and ids.prompt_ids[0] == tok.bos_token_id
+    assert ids.chosen_ids == tok("85", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(ids.rejected_ids) == "75<eos>"
+
+
+def test_chat_pair_ids_are_the_conversation_after_the_prompt(smoke_model_dir):
+    tok = load_tokenizer(str(smoke_model_dir))
+    (pair,) = load_pairs(jsonl(smoke_model_dir.parent / "chat.jsonl", [CHAT_ROW]))
+    ids = pair_token_ids(tok, pair)
+    prompt_text = tok.apply_chat_template([SYS, U], tokenize=False, add_generation_prompt=True)
+    assert ids.prompt_ids == tok(prompt_text, add_special_tokens=False)["input_ids"]
+    for reply, got in ((GOOD, ids.chosen_ids), (BAD, ids.rejected_ids)):
+        full = tok(tok.apply_chat_template([SYS, U, reply], tokenize=False), add_special_tokens=False)["input_ids"]
+        assert full[:len(ids.prompt_ids)] == ids.prompt_ids  # the prefix property
+        assert ids.prompt_ids + got == full[:len(ids.prompt_ids) + len(got)]
+        assert got[-1] == tok.eos_token_id and tok.decode(got) == reply["content"] + "<|im_end|>"
+    # a plain pair with the same tokenizer: concatenation, then EOS
+    plain = pair_token_ids(tok, Pair("p", "What is 2+3? ", "5", "6"))
+    assert plain.chosen_ids == response_ids(tok, "5") and plain.chosen_ids[-1] == tok.eos_token_id
+
+
+def test_a_template_that_breaks_the_prefix_is_refused(smoke_model_dir):
+    tok = load_tokenizer(str(smoke_model_dir))
+    # the generation prompt says "assistant:" but a rendered assistant turn says "bot:" — no prefix
+    tok.chat_template = ("{% for m in messages %}{{ (m['role'] if m['role'] != 'assistant' else 'bot') + ': ' + "
+                         "m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DatasetError, match="not a prefix"):
+        pair_token_ids(tok, Pair("p", "q", "5", "6", (U,), (GOOD,), (BAD,), where="f.jsonl:7"))
+    with pytest.raises(DatasetError, match="f.jsonl:7: a conversational pair needs a tokenizer with a chat_template"):
+        pair_token_ids(load_tokenizer(BUNDLED), Pair("p", "q", "5", "6", (U,), (GOOD,), (BAD,), where="f.jsonl:7"))
+
+
+def test_arithmetic_pairs_and_round_trip(tmp_path):
+    pairs = arithmetic_pairs("eval", 200, seed=3)
+    tasks = generate("eval", 200, seed=3, levels=(1,))
+    for p, t in zip(pairs, tasks):
+        assert (p.prompt, p.chosen, p.answer) == (t.prompt, t.answer, t.answer)
+        assert p.rejected != p.chosen and int(p.rejected) != int(t.answer)
+        if t.meta["slipped"] != t.answer:  # 37+48 -> 75: the bundled model's typical slip
+            assert p.rejected == t.meta["slipped"]
+        else:
+            assert int(p.rejected) - int(t.answer) in (-10, -2, -1, 1, 2, 10)
+    assert 0 < sum(p.rejected == t.meta["slipped"] for p, t in zip(pairs, tasks)) < 200
+    assert arithmetic_pairs("eval", 200, seed=3) == pairs  # deterministic
+    for conversational in (False, True):
+        back = load_pairs(write_pairs(tmp_path / f"a{conversational}.jsonl", pairs, conversational=conversational))
+        assert [(b.prompt, b.chosen, b.rejected, b.answer) for b in back] == \
+               [(p.prompt, p.chosen, p.rejected, p.answer) for p in pairs]
+        assert all(b.conversational == conversational for b in back)
