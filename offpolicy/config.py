@@ -321,9 +321,15 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # a binary file (a checkpoint, an archive) passed as --config
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                          "--config takes a YAML file") from None
+    if "\x00" in text:  # valid UTF-8 but binary: YAML would report a confusing character error
+        raise ConfigError(f"config file {path} is binary (NUL byte at offset {text.index(chr(0))}); "
+                          "--config takes a YAML file")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

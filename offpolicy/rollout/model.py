@@ -79,13 +79,31 @@ def load_policy(path: str = "bundled", *, device: str = "cpu", dtype: str = "flo
     check_device(device)
     folder = resolve_model_path(path)
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, _DTYPES[dtype]), **kw)
         tokenizer = load_tokenizer(folder)
+    except SafetensorError as e:  # truncated or corrupt weights: name the file, not only the folder
+        raise ConfigError(f"model.path: cannot load the weights {_corrupt_weights(folder)}: {e}") from None
     except (OSError, ValueError, KeyError, ImportError) as e:  # malformed config.json, missing weights, bad tokenizer, attention kernel
         raise ConfigError(f"model.path: cannot load {folder}: {type(e).__name__}: {e}") from None
     model.to(device).eval()
     return model, tokenizer
+
+
+def _corrupt_weights(folder: Path) -> str:
+    """The first ``*.safetensors`` file of ``folder`` whose header does not read (on the error path only)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except SafetensorError:
+            return str(f)
+    return ", ".join(map(str, files)) or str(folder)
 
 
 def policy_from_config(model_cfg, *, training: bool = True):

@@ -44,39 +44,81 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only run directory); the message says which one,
+    why, and which earlier checkpoint is intact."""
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, state: dict,
                     generators: dict[str, bytes], keep: int = 2) -> Path:
     """Write the checkpoint of ``step`` atomically (temp folder + rename) and prune to the newest ``keep``.
 
     ``generators``: named generator states as bytes (``bytes(g.get_state().numpy())``), stored as given.
+    A write that fails (``OSError``: no space, read-only, quota) removes the temporary folder, leaves every
+    earlier checkpoint as it was, and raises :class:`CheckpointError`.
     """
+    from safetensors import SafetensorError
+
+    final = _step_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    try:
+        for stale in final.parent.glob(".tmp-step-*") if final.parent.is_dir() else ():  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
+               generators=generators)
+        if final.exists():  # a re-save of the same step (resumed a finished run): swap, then drop the old one
+            old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except (OSError, SafetensorError, RuntimeError) as e:  # a full disk surfaces as any of the three
+        shutil.rmtree(tmp, ignore_errors=True)
+        partial = f"the partial folder {tmp} could not be removed" if tmp.exists() else "the partial folder was removed"
+        raise CheckpointError(f"could not write the checkpoint of step {step} to {final}: {_reason(e, run_dir)}; "
+                              f"{partial}, {_kept(run_dir)}") from e
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _reason(e: BaseException, run_dir) -> str:
+    """Why a write failed: the OS's words when there are some, with the free space left on the disk
+    (safetensors and torch.save report a full disk in their own terms: "I/O error", "unexpected pos")."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return text
+    return f"{text} ({free / 2**20:,.1f} MiB free on that disk)"
+
+
+def _kept(run_dir) -> str:
+    last = latest_checkpoint(run_dir)
+    return f"the last good checkpoint {last} is intact" if last else "no earlier checkpoint exists"
+
+
+def _write(folder: Path, step: int, *, model, optimizer, scheduler, state: dict, generators: dict) -> None:
+    """The checkpoint's files; ``state.json`` last, as it marks the folder complete."""
     from safetensors.torch import save_file, save_model
 
     from offpolicy.rollout.model import is_lora, trainable_state
 
-    final = _step_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     if is_lora(model):
         save_file({k: v.detach().contiguous() for k, v in trainable_state(model).items()},
-                  str(tmp / "adapter.safetensors"))
+                  str(folder / "adapter.safetensors"))
     else:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(folder / "model.safetensors"))
     torch.save({
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
         "generators": {k: bytes(g) for k, g in generators.items()},
-    }, tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    }, folder / "trainer.pt")
+    (folder / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
 
 
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
