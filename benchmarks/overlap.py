@@ -37,7 +37,7 @@ def main() -> None:
                 "async": ["pipeline.mode=async", f"pipeline.sync_offset={args.offset}", "train.threads=1",
                           "pipeline.explorer_threads=1"]}
     png, md = run_compare([args.preset], args.seeds, out, overrides=[f"train.steps={args.steps}",
-                                                                     "run.tensorboard=false"], variants=variants)
+                                                                     "run.loggers=[]"], variants=variants)
     lines = ["| mode | median gen s | median train s | median step s | step / max(gen, train) | "
              "step / (gen + train) | wall s (sum of steps) |", "|---|---|---|---|---|---|---|"]
     for mode in variants:

@@ -48,7 +48,7 @@ def main() -> None:
     from offpolicy.train.step import train_step
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [f"run.dir={tmp}/run", "run.tensorboard=false", f"train.threads={args.threads}",
+        cfg = load_config(None, [f"run.dir={tmp}/run", "run.loggers=[]", f"train.threads={args.threads}",
                                  *args.overrides])
         ctx = build_context(cfg, None)
         torch.set_num_threads(args.threads)

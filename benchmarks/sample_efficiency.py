@@ -56,7 +56,7 @@ def main() -> None:
     from offpolicy.report import dashboard, load_run, summary_table
 
     out = Path(args.out)
-    common = [f"train.steps={args.steps}", f"eval.every={args.eval_every}", "run.tensorboard=false"]
+    common = [f"train.steps={args.steps}", f"eval.every={args.eval_every}", "run.loggers=[]"]
     runs = []
     for name in args.configs:
         preset, extra, label = CONFIGS[name]

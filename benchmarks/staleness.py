@@ -31,7 +31,7 @@ def main() -> None:
     from offpolicy.pipeline.compare import run_compare
     from offpolicy.report import dashboard, load_run, summary_table
 
-    common = [f"train.steps={args.steps}", "eval.every=20", "run.tensorboard=false", "train.threads=1"]
+    common = [f"train.steps={args.steps}", "eval.every=20", "run.loggers=[]", "train.threads=1"]
     stale = {f"interval{args.interval}": ["pipeline.mode=async", f"pipeline.sync_interval={args.interval}"]}
     out = Path(args.out)
     run_compare(["grpo"], args.seeds, out / "sync", overrides=common)

@@ -193,7 +193,7 @@ def _offpolicy_worker(spec: dict) -> dict:
     from offpolicy.train.metrics import read_metrics
 
     overrides = [f"train.steps={spec['steps']}", f"train.seed={spec['seed']}", f"tasks.seed={SETUP['task_seed']}",
-                 f"eval.every={spec['eval_every']}", "checkpoint.every=0", "run.tensorboard=false",
+                 f"eval.every={spec['eval_every']}", "checkpoint.every=0", "run.loggers=[]",
                  "run.progress=false", "run.save_final=false", f"run.dir={Path(spec['dir']) / 'run'}",
                  f"train.threads={THREADS}", *spec["overrides"]]
     cfg = load_config(None, overrides)

@@ -9,82 +9,223 @@ import argparse
 import sys
 
 
-class _Progress:
-    """A rich progress bar with the latest reward, held-out accuracy and step time."""
+class _RunConsole:
+    """What ``offpolicy train`` shows while it runs: timestamped lines — the runner's messages, one line
+    every ``run.log_every`` steps and one per evaluation — printed and flushed as they come (so a file,
+    SLURM or nohup log fills as the run goes), and all of them in ``<run_dir>/run.log``. On a terminal
+    (with ``run.progress``) a live bar, full width, sits below the lines."""
 
-    def __init__(self, console):
-        self.console = console
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.every = cfg.run.log_every
+        self.live = cfg.run.progress and sys.stdout.isatty()
+        self.run_dir = None
+        self._file = None
+        self._pending: list[str] = []  # lines from before the run directory exists
         self._bar = None
+        self._info = ""
 
-    def start(self, total: int, acc0: float, done: int = 0) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def line(self, text: str) -> None:
+        import time
 
-        self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console)
-        self._task = self._bar.add_task("train", total=total, completed=done, info=f"eval acc {acc0:.3f}")
-        self._acc = acc0
-        self._bar.start()
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {text}"
+        if self._bar is not None:
+            self._bar.console.print(stamped, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(stamped, flush=True)
+        self._record(stamped)
 
-    def update(self, step: int, record: dict, eval_acc: float | None) -> None:
-        if eval_acc is not None:
-            self._acc = eval_acc
-        info = (f"reward {record['reward_mean']:.3f}  entropy {record.get('entropy', 0):.3f}  "
-                f"eval acc {self._acc:.3f}  step {record['step_s']:.2f}s")
-        self._bar.update(self._task, completed=step, info=info)
+    def _record(self, text: str) -> None:
+        if self._file is None:
+            self._pending.append(text)
+        else:
+            self._file.write(text + "\n")
+            self._file.flush()
+
+    def begin(self, run_dir, total: int, done: int = 0) -> None:
+        """The run directory exists (``TrainLoop`` start): open ``run.log``; start the bar on a terminal."""
+        from pathlib import Path
+
+        self.run_dir, self.total = Path(run_dir), total
+        self._file = (self.run_dir / "run.log").open("a")
+        for text in self._pending:
+            self._record(text)
+        self._pending = []
+        if self.live:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("[bold]train"), BarColumn(bar_width=None), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(),
+                                 expand=True)
+            self._task = self._bar.add_task("train", total=total, completed=done, info="")
+            self._bar.start()
+
+    def evaluated(self, step: int, res: dict, seconds: float) -> None:
+        extra = "".join(f"  {k} {res[k]:.3f}" for k in ("success", "tool_calls_mean") if k in res)
+        self.line(f"eval  step {step}/{self.total}  {_eval_label(self.cfg)} accuracy {res['accuracy']:.3f}"
+                  f"{extra}  ({seconds:.1f} s)")
+        self._info = f"eval acc {res['accuracy']:.3f}"
+        if self._bar is not None:
+            self._bar.update(self._task, info=self._info)
+
+    def update(self, step: int, record: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=f"reward {record['reward_mean']:.3f}  entropy "
+                             f"{record.get('entropy', 0):.3f}  {self._info}  step {record['step_s']:.2f}s")
+        if step % self.every == 0 or step == 1 or step == self.total:
+            self.line(_step_line(step, self.total, record))
+
+    def fail(self, error: BaseException) -> None:
+        """The run failed: stop the bar (so the error printed next is the last thing shown) and keep the
+        error in run.log."""
+        import traceback
+
+        self.stop()
+        known = isinstance(error, (ValueError, RuntimeError, OSError, KeyboardInterrupt))  # messages, not bugs
+        text = f"{type(error).__name__}: {error}" if known else "".join(traceback.format_exception(error))
+        self._record(f"error: {text}")
 
     def stop(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+            self._bar = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _step_line(step: int, total: int, r: dict) -> str:
+    """step, reward, accuracy (and success for multi-turn), entropy, staleness, step seconds, reward faults."""
+    parts = [f"step {step}/{total}", f"reward {r['reward_mean']:.3f}", f"accuracy {r['accuracy']:.3f}"]
+    if "success" in r:
+        parts.append(f"success {r['success']:.3f}")
+    if "entropy" in r:
+        parts.append(f"entropy {r['entropy']:.3f}")
+    parts += [f"staleness {r['staleness_mean']:.2f}", f"step {r['step_s']:.2f} s"]
+    if r.get("reward_invalid_frac"):
+        parts.append(f"reward faults {r['reward_invalid_frac']:.0%}")
+    if r.get("skipped_steps"):
+        parts.append("optimiser step skipped")
+    return "  ".join(parts)
+
+
+def _eval_label(cfg) -> str:
+    """'held-out' unless the evaluation tasks are the training tasks (a file or dataset split given as
+    both, e.g. ``tasks.name=file`` without ``tasks.eval_path``): then 'training-set'."""
+    t = cfg.tasks
+    if t.name not in ("file", "jsonl", "hf"):
+        return "held-out"  # generated tasks: the evaluation split is generated apart from the training stream
+    same_file = t.eval_path is None or t.eval_path == t.train_path
+    same_split = t.name != "hf" or (t.eval_split or t.split) == t.split
+    return "training-set" if same_file and same_split else "held-out"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _summary(cfg, resume: bool) -> str:
+    """One screen: what runs, and every key that differs from the defaults (the whole resolved config is in
+    config.yaml / config.json of the run directory, and ``offpolicy config`` describes each key)."""
+    from offpolicy.config import Config
+
+    t, r = cfg.tasks, cfg.rollout
+    source = t.preset or t.name
+    if t.name in ("file", "jsonl", "hf"):
+        source += f" {t.train_path}"
+    head = (f"offpolicy train{' (resuming)' if resume else ''}: {cfg.algorithm.preset} on {source}, "
+            f"model {cfg.model.path} ({cfg.model.device}), {cfg.train.steps} steps x {r.prompts_per_step} "
+            f"prompts x {r.group_size} responses, pipeline {cfg.pipeline.mode}, evaluation on {t.eval_size} "
+            f"{_eval_label(cfg)} tasks every {cfg.eval.every or '-'} steps")
+    defaults = _flat(Config().model_dump(mode="json"))
+    changed = [f"  {k} = {v!r}" for k, v in _flat(cfg.model_dump(mode="json")).items() if defaults.get(k, object()) != v]
+    limit = 20
+    if len(changed) > limit:
+        changed = changed[:limit] + [f"  ... and {len(changed) - limit} more"]
+    body = "\n".join(["settings that differ from the defaults:", *changed] if changed else ["all settings at their defaults"])
+    return f"{head}\n{body}\n(resolved config: config.yaml and config.json in the run directory)"
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every setting that differs (run.dir and the run.* display keys aside)."""
+    a, b = _flat(old), _flat(new)
+    shown = ("run.progress", "run.log_every", "run.loggers", "run.project", "run.dir")
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in shown]
 
 
 def _train_config(args):
     """The config of ``offpolicy train``: a fresh one, or the run directory's own when resuming.
 
     Resuming happens with ``--resume RUN_DIR``, or automatically (with a message) when ``run.dir``
-    names a directory that already holds a checkpoint.
+    names a directory that already holds a checkpoint. A resume whose settings differ from the run's
+    ``config.json`` is refused, naming the keys, unless ``--allow-changed-config`` (then they are listed).
     """
+    import json
     from pathlib import Path
 
     from offpolicy.config import ConfigError, load_config
+    from offpolicy.pipeline.replay import apply_preset_defaults
     from offpolicy.train.checkpoint import latest_checkpoint
 
+    notes = []
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.json").is_file() or latest_checkpoint(run_dir) is None:
             raise ConfigError(f"--resume {run_dir}: not a run directory with a checkpoint")
-        return load_config(run_dir / "config.json", [*args.overrides, f"run.dir={run_dir}"]), True
-    cfg = load_config(args.config, args.overrides)
-    if "{" not in cfg.run.dir and latest_checkpoint(cfg.run.dir) is not None:
-        print(f"run.dir {cfg.run.dir} holds a checkpoint: resuming it (use another run.dir for a new run)")
-        return cfg, True
-    return cfg, False
+        cfg = load_config(run_dir / "config.json", [*args.overrides, f"run.dir={run_dir}"])
+    else:
+        cfg = load_config(args.config, args.overrides)
+        if "{" in cfg.run.dir or latest_checkpoint(cfg.run.dir) is None:
+            return cfg, False, notes
+        run_dir = Path(cfg.run.dir)
+        notes.append(f"run.dir {run_dir} holds a checkpoint: resuming it (use another run.dir for a new run)")
+    saved = json.loads((run_dir / "config.json").read_text())
+    changed = _changed_keys(saved, apply_preset_defaults(cfg).model_dump(mode="json"))
+    if changed and not args.allow_changed_config:
+        raise ConfigError(f"resuming {run_dir} with settings that differ from its config.json:\n  "
+                          + "\n  ".join(changed) + "\nadd --allow-changed-config to resume with them, or use "
+                          "another run.dir for a new run")
+    return cfg, True, notes + [f"resuming with a changed setting: {c}" for c in changed]
 
 
 def _cmd_train(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from offpolicy.pipeline import run
-
     from offpolicy.pipeline.context import bind_algorithm, check_workflow
+    from offpolicy.train.metrics import check_loggers
 
-    console = Console()
-    cfg, resume = _train_config(args)
+    cfg, resume, notes = _train_config(args)
     bind_algorithm(cfg)  # a wrong algorithm or workflow setting fails here, before anything is printed or loaded
     check_workflow(cfg)
-    console.print("[bold]resolved config[/bold]")
-    console.print_json(cfg.model_dump_json())
-    progress = _Progress(console) if cfg.run.progress else None
-    res = run(cfg, resume=resume, progress=progress, log=console.print)
-    table = Table(title=f"offpolicy train — {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s")
-    table.add_column("held-out greedy accuracy")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    table.add_column("change", justify="right")
+    check_loggers(cfg.run.loggers)
+    console = _RunConsole(cfg)
+    for text in [*notes, _summary(cfg, resume)]:
+        console.line(text)
+    try:
+        res = run(cfg, resume=resume, progress=console, log=console.line)
+    except BaseException as e:
+        console.fail(e)  # the bar stops, the error goes to run.log; its message is the last thing printed
+        code = _stopped(e, console.run_dir) if isinstance(e, RuntimeError) else None
+        console.close()
+        if code is None:
+            raise
+        return code
     b, a = res.eval_before["accuracy"], res.eval_after["accuracy"]
-    table.add_row(f"{cfg.tasks.eval_size} tasks", f"{b:.3f}", f"{a:.3f}", f"{(a - b) * 100:+.1f} pts")
-    console.print(table)
-    console.print(f"run directory: {res.run_dir}  (metrics.jsonl, tb/, config.json, checkpoints/, final/)")
+    console.line(f"done: {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s; greedy accuracy on "
+                 f"{cfg.tasks.eval_size} {_eval_label(cfg)} tasks {b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f} pts)")
+    console.line(f"run directory: {res.run_dir}  (run.log, metrics.jsonl, config.yaml, checkpoints/"
+                 f"{', final/' if cfg.run.save_final else ''}{', tb/' if 'tensorboard' in cfg.run.loggers else ''})")
+    console.close()
     return 0
 
 
@@ -104,7 +245,6 @@ def _eval_task_overrides(tasks: str | None) -> list[str]:
 
 def _cmd_eval(args) -> int:
     import torch
-    from rich.console import Console
 
     from offpolicy.config import load_config
     from offpolicy.pipeline.context import reward_function, task_source
@@ -122,9 +262,12 @@ def _cmd_eval(args) -> int:
     res = evaluate(model, tok, tasks, reward_function(cfg), max_new_tokens=cfg.rollout.max_new_tokens,
                    pass_k=k, temperature=cfg.rollout.temperature, seed=cfg.train.seed, batch_size=args.batch_size)
     source = cfg.tasks.preset or cfg.tasks.name
+    if args.tasks is None:  # the config's evaluation split: say whether it is held out
+        source = f"{_eval_label(cfg)} {source}"
     scores = "  ".join(f"{'greedy accuracy' if name == 'accuracy' else name} {v:.3f}" for name, v in res.items())
-    Console().print(f"{model_path}: {len(tasks)} held-out {source} tasks, reward {cfg.reward.function}, "
-                    f"max {cfg.rollout.max_new_tokens} new tokens  {scores}")
+    # plain print: a rich console wraps at its width (80 columns when piped), mid-phrase
+    print(f"{model_path}: {len(tasks)} {source} tasks, reward {cfg.reward.function}, "
+          f"max {cfg.rollout.max_new_tokens} new tokens  {scores}")
     return 0
 
 
@@ -213,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a policy (no arguments: the bundled tiny model on arithmetic)")
     t.add_argument("--config", help="YAML config file")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    t.add_argument("--allow-changed-config", action="store_true",
+                   help="resume even though settings differ from the run's config.json (they are listed)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.preset=rec_oneside_nois")
     t.set_defaults(fn=_cmd_train)
     e = sub.add_parser("eval", help="greedy accuracy and pass@k of a checkpoint on the held-out split")
@@ -275,18 +420,37 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"offpolicy: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # the run-stopping errors live with the pipeline (imported only when it ran)
-        from offpolicy.pipeline.explorer import RewardFaultError
-        from offpolicy.pipeline.resume import RunStopped
-        from offpolicy.pipeline.trainer import NumericalFaultError
+    except RuntimeError as e:
+        code = _stopped(e)
+        if code is None:
+            raise
+        return code
 
-        if isinstance(e, (RewardFaultError, NumericalFaultError)):
-            print(f"offpolicy: stopped: {e}\n(a checkpoint of the last good state was written)", file=sys.stderr)
-            return 3
-        if isinstance(e, RunStopped):
-            print(f"offpolicy: {e}", file=sys.stderr)
-            return 130
-        raise
+
+def _stopped(e: BaseException, run_dir=None) -> int | None:
+    """Print the message of an error that stops a run cleanly and return the exit code (3 for a fault, 130
+    for a signal); None for any other error. ``run_dir``: where to look for the newest checkpoint."""
+    from offpolicy.pipeline.resume import RunStopped
+    from offpolicy.pipeline.trainer import NumericalFaultError
+    from offpolicy.rewards.guard import RewardFaultError
+    from offpolicy.train.checkpoint import CheckpointError, latest_checkpoint
+
+    if isinstance(e, RunStopped):
+        print(f"offpolicy: {e}", file=sys.stderr)
+        return 130
+    if not isinstance(e, (RewardFaultError, NumericalFaultError, CheckpointError)):
+        return None
+    note = ""
+    if isinstance(e, CheckpointError):
+        pass  # its message says which checkpoint is intact
+    elif run_dir is None:
+        note = "\n(a checkpoint of the last good state was written)"
+    elif (last := latest_checkpoint(run_dir)) is not None:
+        note = f"\n(last good state: {last}; resume with: offpolicy train --resume {run_dir})"
+    else:
+        note = "\n(no checkpoint: the run stopped before its first step)"
+    print(f"offpolicy: stopped: {e}{note}", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

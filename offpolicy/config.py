@@ -187,6 +187,8 @@ class RewardConfig(_Section):
     function: str = Field("exact_match", description="A built-in reward ('exact_match', 'math', 'format', 'code_exec'), 'package.module:function' for a user reward (response, ground_truth) -> float, or a weighted sum of these written 'name:weight,...' such as 'math:1.0,format:0.1' (docs/rewards.md).")
     timeout_s: float | None = Field(5.0, gt=0, description="Per-sample time limit, enforced by killing a worker process (None: score in-process, no limit).")
     max_invalid_frac: float = Field(0.5, ge=0, le=1, description="Stop the run (after a checkpoint) when more than this fraction of a batch has faulty rewards.")
+    max_timeouts: int | None = Field(5, ge=1, description="Circuit breaker: stop the run (after a checkpoint), naming the reward, after this many consecutive samples time out (None: never).")
+    batch_timeout_s: float | None = Field(600.0, gt=0, description="Deadline for scoring one batch (training or evaluation); past it the run stops, naming the reward (None: no deadline). Without reward.timeout_s it is checked between samples.")
 
 
 class CheckpointConfig(_Section):
@@ -201,9 +203,24 @@ class EvalConfig(_Section):
 
 class RunConfig(_Section):
     dir: str = Field("runs/{preset}-{time}", description="Run directory; {preset} and {time} are filled in.")
-    tensorboard: bool = Field(True, description="Write TensorBoard event files.")
-    progress: bool = Field(True, description="Show a rich progress bar.")
+    loggers: list[str] = Field(["tensorboard"], description="Experiment trackers that get the config once and the metrics every step: 'tensorboard' (<run_dir>/tb), 'wandb', 'mlflow', 'trackio' (extras offpolicy[wandb], [mlflow], [trackio]); [] for metrics.jsonl only. docs/logging.md.")
+    project: str = Field("offpolicy", description="Tracker project (W&B, Trackio) or experiment (MLflow) of the run; the run is named after its directory.")
+    progress: bool = Field(True, description="A live progress bar when stdout is a terminal (false: plain lines there too).")
+    log_every: int = Field(10, ge=1, description="A timestamped line every N steps (step, reward, accuracy, entropy, staleness, step seconds), one per evaluation; on stdout and in <run_dir>/run.log.")
     save_final: bool = Field(True, description="Save the final policy as a HF folder in <run_dir>/final.")
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _known_loggers(cls, v: Any) -> Any:
+        from offpolicy.train.metrics import TRACKERS
+
+        v = [v] if isinstance(v, str) else v
+        for name in v if isinstance(v, list) else ():
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(str(name), list(TRACKERS), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"unknown logger {name!r}{hint} (known: {', '.join(TRACKERS)})")
+        return list(dict.fromkeys(v)) if isinstance(v, list) else v
 
 
 class Config(_Section):

@@ -38,7 +38,7 @@ def main() -> None:
     from offpolicy.train.metrics import read_metrics
 
     base = [f"train.steps={args.steps}", "checkpoint.every=10", "buffer.kind=sqlite", "run.progress=false",
-            "run.tensorboard=false", "eval.every=20", f"train.seed={args.seed}"]
+            "run.loggers=[]", "eval.every=20", f"train.seed={args.seed}"]
     if args.mode == "async":
         base += ["pipeline.mode=async", "pipeline.sync_offset=1", "train.threads=1"]
     out = Path(args.out or tempfile.mkdtemp(prefix="offpolicy-soak-"))

@@ -12,7 +12,6 @@ and trained at trainer version ``e``; its staleness is ``e - weights_version(e)`
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,13 +21,9 @@ import torch
 
 from offpolicy.config import Config
 from offpolicy.data.experience import Experience
-from offpolicy.rewards.guard import GuardedReward
+from offpolicy.rewards.guard import FirstFaults, GuardedReward, RewardFaultError  # noqa: F401 (re-exported)
 from offpolicy.rollout.engine import make_engine
 from offpolicy.rollout.workflow import Sampling, build_workflow
-
-
-class RewardFaultError(RuntimeError):
-    """Too many samples of one batch had faulty rewards (``reward.max_invalid_frac``)."""
 
 
 def as_generator_state(x) -> torch.Tensor:
@@ -60,10 +55,10 @@ class Explorer:
         self.workflow = build_workflow(cfg.workflow)
         self.tasks = tasks
         self.tasks_consumed = 0
-        self.reward = GuardedReward(reward_fn, timeout_s=cfg.reward.timeout_s)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.fault_log = None if run_dir is None else Path(run_dir) / "reward_faults.log"
-        self.faults_seen: set[str] = set()
+        # the first fault of each kind is printed as it happens; a hanging reward trips the circuit breaker
+        self.reward = GuardedReward.from_config(reward_fn, cfg.reward, on_fault=FirstFaults(self.fault_log))
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
 
     @classmethod
     def from_context(cls, ctx) -> "Explorer":
@@ -95,7 +90,7 @@ class Explorer:
         was_training = self.model.training
         self.model.eval()
         sampling = Sampling(r.group_size, r.max_new_tokens, r.temperature, r.top_p, r.top_k)
-        exps = self.workflow(self.engine, self.tokenizer, tasks, self._score, sampling=sampling, version=version,
+        exps = self.workflow(self.engine, self.tokenizer, tasks, self.reward, sampling=sampling, version=version,
                              batch_index=batch_index, generator=self.generator)
         self.model.train(was_training)
         invalid = sum("reward_fault" in e.info for e in exps) / len(exps)
@@ -105,18 +100,6 @@ class Explorer:
                                    f"({dict(kinds)}), above reward.max_invalid_frac="
                                    f"{self.cfg.reward.max_invalid_frac}; see {self.fault_log}")
         return exps, time.perf_counter() - t0
-
-    def _score(self, pairs):
-        scores = self.reward(pairs)
-        for s in scores:
-            if s.fault is not None and s.fault not in self.faults_seen:
-                self.faults_seen.add(s.fault)  # the first of each kind, in full; later ones are counted
-                text = f"first reward fault of kind '{s.fault}':\n{s.message}\n"
-                print(text, file=sys.stderr)
-                if self.fault_log is not None:
-                    with self.fault_log.open("a") as f:
-                        f.write(text)
-        return scores
 
     def close(self) -> None:
         self.reward.close()

@@ -18,7 +18,7 @@ from offpolicy.algos import tool_call_reward, tool_call_reward_weight
 from offpolicy.data.experience import Experience, collate
 from offpolicy.pipeline.context import RunContext
 from offpolicy.pipeline.resume import RunStopped
-from offpolicy.rewards.guard import GuardedReward
+from offpolicy.rewards.guard import FirstFaults, GuardedReward
 from offpolicy.rollout.model import save_policy
 from offpolicy.rollout.engine import make_engine
 from offpolicy.rollout.workflow import build_workflow
@@ -77,12 +77,16 @@ class TrainLoop:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.strategy = strategy
-        self.writer = MetricsWriter(ctx.run_dir, tensorboard=self.cfg.run.tensorboard)
+        self.writer = MetricsWriter(ctx.run_dir, loggers=self.cfg.run.loggers, config=self.cfg.model_dump(mode="json"),
+                                    project=self.cfg.run.project)
         self.progress = progress
+        if progress:  # before the first evaluation, so that its line goes to the run's log
+            progress.begin(ctx.run_dir, self.cfg.train.steps, done=resumed["step"] if resumed else 0)
         self.start = time.perf_counter()
         self.consecutive_skips = 0
         self.resumed = resumed
-        self.scorer = GuardedReward(ctx.reward_fn, timeout_s=self.cfg.reward.timeout_s)
+        self.scorer = GuardedReward.from_config(ctx.reward_fn, self.cfg.reward, on_fault=FirstFaults(
+            ctx.run_dir / "reward_faults.log", during="evaluation"))
         # held-out evaluation goes through the run's own engine and workflow, greedily
         self.engine = make_engine(self.cfg.rollout.engine, ctx.model, ctx.tokenizer)
         self.workflow = build_workflow(self.cfg.workflow)
@@ -109,14 +113,15 @@ class TrainLoop:
         else:
             self.eval_before = self.evaluate(0)
             self.last_eval = self.eval_before["accuracy"]
-        if progress:
-            progress.start(self.cfg.train.steps, self.last_eval, done=resumed["step"] if resumed else 0)
 
     def evaluate(self, step: int) -> dict:
         t0 = time.perf_counter()
         res = evaluate_workflow(self.ctx.model, self.engine, self.workflow, self.ctx.tokenizer, self.ctx.eval_tasks,
                                 self.scorer, max_new_tokens=self.cfg.rollout.max_new_tokens)
-        self.writer.write({"kind": "eval", "step": step, **res, "eval_s": time.perf_counter() - t0})
+        seconds = time.perf_counter() - t0
+        self.writer.write({"kind": "eval", "step": step, **res, "eval_s": seconds})
+        if self.progress:
+            self.progress.evaluated(step, res, seconds)
         return res
 
     def train(self, exps: list[Experience], step: int) -> dict:
@@ -182,10 +187,10 @@ class TrainLoop:
         self.writer.write(record)
         step = record["step"]
         self._check_skips(record)
+        if self.progress:  # the step's line before its evaluation's
+            self.progress.update(step, record)
         if self.cfg.eval.every and step % self.cfg.eval.every == 0 and step != self.cfg.train.steps:
             self.last_eval = self.evaluate(step)["accuracy"]
-        if self.progress:
-            self.progress.update(step, record, self.last_eval)
 
     def _check_skips(self, record: dict) -> None:
         if not record.get("skipped_steps"):

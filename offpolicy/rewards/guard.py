@@ -7,17 +7,33 @@ message (the traceback for exceptions). The time limit is enforced by the parent
 worker, so even code that never returns (a C loop, ignored signals) is stopped; the worker is then
 restarted and scoring continues with the next sample. A worker is used only when ``timeout_s`` is
 set; without one, rewards run in-process and only exceptions and bad values are caught.
+
+A reward that hangs on every sample must not stall the run one time-out at a time: after
+``max_timeouts`` consecutive samples time out (a circuit breaker), or when one batch is not scored
+within ``batch_timeout_s`` (a per-batch deadline), :class:`RewardStalledError` names the function and
+stops the run; the runners treat it as any :class:`RewardFaultError` (checkpoint, then stop).
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 FAULT_KINDS = ("exception", "timeout", "non_finite", "not_a_number", "worker_died")
+
+
+class RewardFaultError(RuntimeError):
+    """The reward stops the run: too many samples of one batch had faulty rewards (``reward.max_invalid_frac``),
+    or the reward function hangs (:class:`RewardStalledError`)."""
+
+
+class RewardStalledError(RewardFaultError):
+    """``reward.max_timeouts`` consecutive samples timed out, or a batch missed ``reward.batch_timeout_s``."""
 
 
 class Scored(NamedTuple):
@@ -54,13 +70,52 @@ def _worker(fn, conn) -> None:
             conn.send(score_one(fn, response, truth))
 
 
-class GuardedReward:
-    """Score pairs with ``fn`` in a (restartable) worker process with a per-sample time limit."""
+class FirstFaults:
+    """``on_fault`` hook of :class:`GuardedReward`: print the first fault of each kind as it happens, in full
+    (traceback), to stderr and ``log`` (appended); later ones are only counted by the caller."""
 
-    def __init__(self, fn: Callable[[str, str], float], *, timeout_s: float | None = 5.0):
+    def __init__(self, log: str | Path | None = None, *, during: str = ""):
+        self.log = None if log is None else Path(log)
+        self.during = f" ({during})" if during else ""
+        self.seen: set[str] = set()
+
+    def __call__(self, s: Scored) -> None:
+        if s.fault in self.seen:
+            return
+        self.seen.add(s.fault)
+        text = f"first reward fault of kind '{s.fault}'{self.during}:\n{s.message}\n"
+        print(text, file=sys.stderr, flush=True)
+        if self.log is not None:
+            with self.log.open("a") as f:
+                f.write(text)
+
+
+class GuardedReward:
+    """Score pairs with ``fn`` in a (restartable) worker process with a per-sample time limit.
+
+    ``batch_timeout_s``: deadline of one call (a batch); ``max_timeouts``: consecutive per-sample time-outs
+    (across calls; any sample that returns resets the count) before :class:`RewardStalledError`; None: off.
+    ``on_fault``: called with each faulty :class:`Scored` as soon as it is known (e.g. :class:`FirstFaults`);
+    ``name``: how messages name the function (default: its module and name).
+    """
+
+    def __init__(self, fn: Callable[[str, str], float], *, timeout_s: float | None = 5.0,
+                 batch_timeout_s: float | None = None, max_timeouts: int | None = None,
+                 on_fault: Callable[[Scored], None] | None = None, name: str | None = None):
         self.fn = fn
         self.timeout_s = timeout_s
+        self.batch_timeout_s = batch_timeout_s
+        self.max_timeouts = max_timeouts
+        self.on_fault = on_fault
+        self.name = name or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+        self.consecutive_timeouts = 0
         self._proc = self._conn = None
+
+    @classmethod
+    def from_config(cls, fn: Callable[[str, str], float], reward_cfg, *, on_fault=None) -> "GuardedReward":
+        """The guard a :class:`~offpolicy.config.RewardConfig` describes (``reward.function`` names ``fn``)."""
+        return cls(fn, timeout_s=reward_cfg.timeout_s, batch_timeout_s=reward_cfg.batch_timeout_s,
+                   max_timeouts=reward_cfg.max_timeouts, on_fault=on_fault, name=reward_cfg.function)
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
@@ -76,8 +131,14 @@ class GuardedReward:
         self._proc = self._conn = None
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
-        if self.timeout_s is None:
-            return [score_one(self.fn, r, t) for r, t in pairs]
+        deadline = None if self.batch_timeout_s is None else time.monotonic() + self.batch_timeout_s
+        if self.timeout_s is None:  # in-process: the deadline is checked between samples
+            out = []
+            for r, t in pairs:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise self._overdue(len(out), len(pairs))
+                out.append(self._record(score_one(self.fn, r, t)))
+            return out
         out: list[Scored] = []
         while len(out) < len(pairs):
             if self._proc is None or not self._proc.is_alive():
@@ -85,21 +146,44 @@ class GuardedReward:
             pending = list(pairs[len(out):])
             self._conn.send(pending)
             for _ in pending:
-                deadline = time.monotonic() + self.timeout_s
-                if not self._conn.poll(max(deadline - time.monotonic(), 0)):
+                limit = time.monotonic() + self.timeout_s
+                until = limit if deadline is None else min(limit, deadline)
+                if not self._conn.poll(max(until - time.monotonic(), 0)):
                     alive = self._proc.is_alive()
                     self._kill()
+                    if alive and until < limit:  # the batch's deadline came before the sample's own limit
+                        raise self._overdue(len(out), len(pairs))
                     kind = "timeout" if alive else "worker_died"
-                    out.append(Scored(None, kind, f"reward did not return within {self.timeout_s} s"
-                                      if alive else "the reward worker process died"))
+                    out.append(self._record(Scored(None, kind, f"reward did not return within {self.timeout_s} s"
+                                                   if alive else "the reward worker process died")))
                     break
                 try:
-                    out.append(self._conn.recv())
+                    out.append(self._record(self._conn.recv()))
                 except EOFError:
                     self._kill()
-                    out.append(Scored(None, "worker_died", "the reward worker process died"))
+                    out.append(self._record(Scored(None, "worker_died", "the reward worker process died")))
                     break
         return out
+
+    def _record(self, s: Scored) -> Scored:
+        """Report a fault, count consecutive time-outs, and trip the circuit breaker."""
+        if s.fault is not None and self.on_fault is not None:
+            self.on_fault(s)
+        if s.fault == "timeout":
+            self.consecutive_timeouts += 1
+            if self.max_timeouts is not None and self.consecutive_timeouts >= self.max_timeouts:
+                self.consecutive_timeouts = 0
+                raise RewardStalledError(
+                    f"reward {self.name} timed out on {self.max_timeouts} consecutive samples (reward.timeout_s="
+                    f"{self.timeout_s}, reward.max_timeouts={self.max_timeouts}): it seems to hang; stopping")
+        elif s.fault != "worker_died":
+            self.consecutive_timeouts = 0
+        return s
+
+    def _overdue(self, done: int, total: int) -> RewardStalledError:
+        return RewardStalledError(f"reward {self.name} scored {done} of {total} samples of a batch within "
+                                  f"reward.batch_timeout_s={self.batch_timeout_s} s: it is too slow or hangs; "
+                                  "stopping (raise reward.batch_timeout_s for a slow reward)")
 
     def close(self) -> None:
         if self._proc is not None and self._proc.is_alive():

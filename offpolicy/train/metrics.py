@@ -1,38 +1,172 @@
-"""Per-step metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars."""
+"""Per-step metrics: one JSON line per record in ``metrics.jsonl``, and the same scalars to the experiment
+trackers of ``run.loggers`` (TensorBoard, Weights & Biases, MLflow, Trackio), each through its own library,
+imported only when named. Every tracker gets the resolved config once, at the start, and each record's
+finite numbers once, at the record's step, under ``<kind>/<name>`` (``train/reward_mean``, ``eval/accuracy``).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 
+class _TensorBoard:
+    """``<run_dir>/tb`` event files (torch's SummaryWriter); the config as a text summary."""
+
+    module, extra = "tensorboard", None
+
+    def __init__(self, run_dir: Path, project: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self._w.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for key, value in scalars.items():
+            self._w.add_scalar(key, value, step)
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class _WandB:
+    """A W&B run named after the run directory, its files in ``<run_dir>/wandb``; ``WANDB_MODE=offline``
+    (or ``wandb offline``) keeps it on disk, to upload later with ``wandb sync``."""
+
+    module, extra = "wandb", "wandb"
+
+    def __init__(self, run_dir: Path, project: str, config: dict):
+        import wandb
+
+        self._run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class _MLflow:
+    """An MLflow run in experiment ``project``, named after the run directory, the config flattened into
+    params. Tracking URI: ``MLFLOW_TRACKING_URI`` (or ``mlflow.set_tracking_uri``) when set, else the SQLite
+    store ``<run_dir>/mlflow.db``."""
+
+    module, extra = "mlflow", "mlflow"
+
+    def __init__(self, run_dir: Path, project: str, config: dict):
+        import mlflow
+
+        if not os.environ.get("MLFLOW_TRACKING_URI") and not mlflow.is_tracking_uri_set():
+            mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
+        mlflow.set_experiment(project)
+        self._mlflow = mlflow
+        self._run = mlflow.start_run(run_name=run_dir.name)
+        params = _flatten(config)
+        keys = list(params)
+        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+            mlflow.log_params({k: params[k] for k in keys[i : i + 100]})
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+class _Trackio:
+    """A Trackio run in project ``project``, named after the run directory (local SQLite under
+    ``TRACKIO_DIR``, default ``~/.cache/huggingface/trackio``; ``trackio show`` opens the dashboard)."""
+
+    module, extra = "trackio", "trackio"
+
+    def __init__(self, run_dir: Path, project: str, config: dict):
+        import trackio
+
+        self._trackio = trackio
+        self._run = trackio.init(project=project, name=run_dir.name, config=config, embed=False)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+TRACKERS = {"tensorboard": _TensorBoard, "wandb": _WandB, "mlflow": _MLflow, "trackio": _Trackio}
+
+
+def check_loggers(names: list[str]) -> None:
+    """ConfigError naming the extra to install when a tracker's library is missing (no import: cheap)."""
+    from offpolicy.config import ConfigError
+
+    for name in names:
+        cls = TRACKERS[name]
+        if importlib.util.find_spec(cls.module) is None:
+            hint = f"pip install 'offpolicy[{cls.extra}]'" if cls.extra else f"pip install {cls.module}"
+            raise ConfigError(f"run.loggers: {name} needs the {cls.module} package, which is not installed: {hint}")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return out
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    """The record's finite numbers (booleans and text left out), under ``<kind>/<name>``."""
+    kind = record.get("kind", "train")
+    return {f"{kind}/{k}": v for k, v in record.items() if k not in ("step", "kind") and
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class MetricsWriter:
-    """Append-only metrics sink. Every record is flushed at once, so a crash loses nothing written."""
+    """Append-only metrics sink. Every record is flushed at once, so a crash loses nothing written.
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    ``loggers``: names from :data:`TRACKERS`; ``config``: the resolved config, logged once to each and
+    written to ``<run_dir>/config.yaml`` (beside the runner's ``config.json``); ``project``: the tracker
+    project / experiment the run is logged under.
+    """
+
+    def __init__(self, run_dir: str | Path, *, loggers: list[str] = ("tensorboard",), config: dict | None = None,
+                 project: str = "offpolicy"):
+        run_dir = Path(run_dir)
+        check_loggers(list(loggers))
+        if config is not None:
+            import yaml
+
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+        self._trackers = []
+        try:
+            for name in loggers:
+                self._trackers.append(TRACKERS[name](run_dir, project, config or {}))
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            step = int(record.get("step", 0))
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value):
-                    self._tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+        if self._trackers:
+            scalars, step = _scalars(record), int(record.get("step", 0))
+            for tracker in self._trackers:
+                tracker.log(scalars, step)
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:

@@ -8,7 +8,7 @@ from offpolicy.pipeline import run
 from offpolicy.train.metrics import read_metrics
 
 SMALL = ["algorithm.preset=bapo", "train.steps=3", "eval.every=0", "tasks.eval_size=8",
-         "rollout.prompts_per_step=4", "rollout.group_size=4", "run.progress=false", "run.tensorboard=false",
+         "rollout.prompts_per_step=4", "rollout.group_size=4", "run.progress=false", "run.loggers=[]",
          "run.save_final=false", "train.threads=1", "pipeline.explorer_threads=1"]
 
 

@@ -12,7 +12,7 @@ def test_compare_writes_dashboard_and_table(tmp_path, capsys):
     out = tmp_path / "cmp"
     rc = main(["compare", "--presets", "grpo", "rec_oneside_nois", "--seeds", "0", "1", "--out", str(out),
                "train.steps=3", "eval.every=2", "tasks.eval_size=16", "rollout.prompts_per_step=4",
-               "rollout.group_size=4", "run.tensorboard=false"])
+               "rollout.group_size=4", "run.loggers=[]"])
     assert rc == 0
     with Image.open(out / "dashboard.png") as im:
         assert im.size[0] > 1000 and im.size[1] > 300
@@ -32,7 +32,7 @@ def test_compare_variants_run_every_preset_under_every_setting(tmp_path, capsys)
     out = tmp_path / "cmp"
     rc = main(["compare", "--presets", "grpo", "--seeds", "0", "--out", str(out), "--variant", "base",
                "--variant", "m2 train.updates_per_batch=2", "train.steps=2", "eval.every=0",
-               "tasks.eval_size=8", "rollout.prompts_per_step=4", "rollout.group_size=4", "run.tensorboard=false"])
+               "tasks.eval_size=8", "rollout.prompts_per_step=4", "rollout.group_size=4", "run.loggers=[]"])
     assert rc == 0
     rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| grpo")]
     assert [r.split("|")[1].strip() for r in rows] == ["grpo base", "grpo m2"]

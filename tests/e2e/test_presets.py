@@ -25,7 +25,7 @@ from offpolicy.train.metrics import read_metrics
 from offpolicy.train.step import response_logp, step_logprobs, train_step
 
 TINY = ["train.steps=2", "eval.every=0", "tasks.eval_size=8", "rollout.prompts_per_step=8", "rollout.group_size=4",
-        "run.progress=false", "run.tensorboard=false", "run.save_final=false", "train.lr=1e-3"]
+        "run.progress=false", "run.loggers=[]", "run.save_final=false", "train.lr=1e-3"]
 OFF = ["algorithm.tool_reward.enabled=false"]  # spear's tool-call reward needs a multi-turn workflow
 
 

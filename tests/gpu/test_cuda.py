@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu,
 
 DEVICE = "cuda"
 SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=32", "eval.every=0",
-         "run.progress=false", "run.tensorboard=false", "reward.timeout_s=null", f"model.device={DEVICE}",
+         "run.progress=false", "run.loggers=[]", "reward.timeout_s=null", f"model.device={DEVICE}",
          "model.dtype=bfloat16"]
 
 

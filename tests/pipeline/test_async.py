@@ -12,7 +12,7 @@ from offpolicy.pipeline.explorer import weights_version
 from offpolicy.train.metrics import read_metrics
 
 SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=32", "eval.every=10",
-         "run.progress=false", "run.tensorboard=false", "train.threads=1", "pipeline.explorer_threads=1"]
+         "run.progress=false", "run.loggers=[]", "train.threads=1", "pipeline.explorer_threads=1"]
 TIMING = ("_s", "per_s")
 
 

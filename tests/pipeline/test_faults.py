@@ -17,7 +17,7 @@ from offpolicy.train.checkpoint import latest_checkpoint
 from offpolicy.train.metrics import read_metrics
 
 SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=16", "eval.every=0",
-         "run.progress=false", "run.tensorboard=false"]
+         "run.progress=false", "run.loggers=[]"]
 
 
 def test_raising_hanging_and_nan_rewards_are_isolated_per_sample(tmp_path, monkeypatch):
@@ -36,7 +36,8 @@ def test_raising_hanging_and_nan_rewards_are_isolated_per_sample(tmp_path, monke
         assert math.isfinite(r["loss"]) and 0 < r["reward_invalid_frac"] < 0.9
     log = (tmp_path / "run" / "reward_faults.log").read_text()
     assert "first reward fault of kind 'exception'" in log and "ValueError: cannot score" in log
-    assert log.count("first reward fault of kind 'exception'") == 1  # only the first of each kind
+    assert log.count("first reward fault of kind 'exception':") == 1  # only the first of each kind (training)
+    assert log.count("first reward fault of kind 'exception' (evaluation):") == 1  # and of the evaluations
 
 
 def test_invalid_samples_do_not_reach_the_loss():

@@ -10,7 +10,7 @@ from offpolicy.train.metrics import read_metrics
 def test_gsm8k_smoke_run_scores_every_sample(tmp_path, smoke_model_dir):
     cfg = load_config(None, ["tasks.preset=gsm8k", f"model.path={smoke_model_dir}", "train.steps=3",
                              "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=16",
-                             "tasks.eval_size=4", "eval.every=0", "run.progress=false", "run.tensorboard=false",
+                             "tasks.eval_size=4", "eval.every=0", "run.progress=false", "run.loggers=[]",
                              "train.threads=1", f"run.dir={tmp_path / 'run'}"])  # 1 thread: the model is tiny
     assert cfg.reward.function == "math" and cfg.tasks.chat_template == "auto"
     res = run(cfg, log=lambda *a: None)

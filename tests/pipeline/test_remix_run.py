@@ -18,7 +18,7 @@ from offpolicy.pipeline.sync import run_sync
 from offpolicy.train.metrics import read_metrics
 
 SMALL = ["train.steps=4", "eval.every=0", "tasks.eval_size=8", "rollout.prompts_per_step=5",
-         "rollout.group_size=4", "run.progress=false", "run.tensorboard=false", "run.save_final=false"]
+         "rollout.group_size=4", "run.progress=false", "run.loggers=[]", "run.save_final=false"]
 
 
 def _run(tmp_path, *extra):

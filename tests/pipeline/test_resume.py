@@ -25,7 +25,7 @@ STEPS = 24
 ROWS = 4 * 4
 ARGS = [f"train.steps={STEPS}", "rollout.prompts_per_step=4", "rollout.group_size=4", "tasks.eval_size=16",
         "eval.every=8", "checkpoint.every=4", "checkpoint.keep=2", "buffer.kind=sqlite", "run.progress=false",
-        "run.tensorboard=false", "train.threads=1", "pipeline.explorer_threads=1"]
+        "run.loggers=[]", "train.threads=1", "pipeline.explorer_threads=1"]
 
 
 def _train(run_dir, *extra, resume=False):

@@ -12,7 +12,7 @@ from offpolicy.train.metrics import read_metrics
 
 ARGS = ["algorithm.preset=spear", "workflow.name=multi_turn", "workflow.env=tests.pipeline.scripted_env:AnswerEnv",
         "workflow.max_turns=1", "workflow.max_total_tokens=5", "rollout.prompts_per_step=4", "rollout.group_size=4",
-        "tasks.eval_size=8", "eval.every=0", "run.progress=false", "run.tensorboard=false", "run.save_final=false",
+        "tasks.eval_size=8", "eval.every=0", "run.progress=false", "run.loggers=[]", "run.save_final=false",
         "train.threads=1", "algorithm.self_imitation.batch_size=4", "algorithm.self_imitation.tolerate_steps=2",
         "algorithm.self_imitation.horizon=3", "algorithm.tool_reward.horizon=4"]
 

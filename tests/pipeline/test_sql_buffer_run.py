@@ -10,7 +10,7 @@ from offpolicy.pipeline import run
 from offpolicy.pipeline.context import open_run_buffer
 
 TINY = ["train.steps=2", "eval.every=0", "tasks.eval_size=8", "rollout.prompts_per_step=4", "rollout.group_size=4",
-        "run.progress=false", "run.tensorboard=false", "run.save_final=false", "train.threads=1",
+        "run.progress=false", "run.loggers=[]", "run.save_final=false", "train.threads=1",
         "pipeline.explorer_threads=1"]
 ROWS = 2 * 4 * 4  # steps * prompts_per_step * group_size
 

@@ -20,7 +20,7 @@ from offpolicy.train.metrics import read_metrics
 from offpolicy.train.step import response_logp, train_step
 
 SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "tasks.eval_size=8", "eval.every=0",
-         "run.progress=false", "run.tensorboard=false", "train.threads=1", "pipeline.explorer_threads=1",
+         "run.progress=false", "run.loggers=[]", "train.threads=1", "pipeline.explorer_threads=1",
          "reward.timeout_s=null"]
 # a large learning rate, so that a few steps move the adapter far enough for the checks below to mean something
 LORA = [*SMALL, "model.lora.r=4", "model.lora.alpha=8", "train.lr=0.02", "algorithm.kl_coef=0.05"]

@@ -25,7 +25,7 @@ def _experiences(ro, prompts):
             for p, r, lp in zip(ro.prompt_index, ro.response_ids, ro.behav_logp)]
 
 SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "tasks.eval_size=8", "eval.every=0",
-         "run.progress=false", "run.tensorboard=false", "train.threads=1", "reward.timeout_s=null",
+         "run.progress=false", "run.loggers=[]", "train.threads=1", "reward.timeout_s=null",
          "checkpoint.every=0"]
 
 
