@@ -251,7 +251,8 @@ def _cmd_eval(args) -> int:
     from offpolicy.rollout.model import load_policy
     from offpolicy.train.evaluate import evaluate
 
-    cfg = load_config(args.config, [*_eval_task_overrides(args.tasks), *args.overrides])
+    model_override = [f"model.path={args.model}"] if args.model else []  # its context bounds the prompts
+    cfg = load_config(args.config, [*_eval_task_overrides(args.tasks), *args.overrides, *model_override])
     from offpolicy.threads import available_cpus
 
     torch.set_num_threads(cfg.train.threads or available_cpus())
@@ -262,7 +263,7 @@ def _cmd_eval(args) -> int:
     res = evaluate(model, tok, tasks, reward_function(cfg), max_new_tokens=cfg.rollout.max_new_tokens,
                    pass_k=k, temperature=cfg.rollout.temperature, seed=cfg.train.seed, batch_size=args.batch_size)
     source = cfg.tasks.preset or cfg.tasks.name
-    if args.tasks is None:  # the config's evaluation split: say whether it is held out
+    if args.tasks in (None, "gsm8k", "arithmetic"):  # a known evaluation split: say whether it is held out
         source = f"{_eval_label(cfg)} {source}"
     scores = "  ".join(f"{'greedy accuracy' if name == 'accuracy' else name} {v:.3f}" for name, v in res.items())
     # plain print: a rich console wraps at its width (80 columns when piped), mid-phrase

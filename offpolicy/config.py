@@ -57,6 +57,7 @@ class TasksConfig(_Section):
     seed: int = Field(0, description="Seed of the task generator / the order of file tasks.")
     levels: list[int] = Field([1], description="Difficulty levels to mix (1: one step, 2: two steps; the bundled model is trained on 1).")
     eval_size: int = Field(512, ge=1, description="Number of held-out tasks for evaluation (the first rows of a file).")
+    max_row_bytes: int | None = Field(1_000_000, ge=1, description="file / hf: rows larger than this (a JSON line; otherwise question + answer) are left out, counted and named file:line at start-up (a JSON line past it is never read whole). Rows whose formatted prompt leaves less than the response budget (rollout.max_new_tokens; multi_turn: workflow.max_total_tokens) of the model's context are left out the same way. None: no size limit.")
 
     @field_validator("chat_template", mode="before")
     @classmethod

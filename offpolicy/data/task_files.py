@@ -11,6 +11,11 @@ Every row is checked when the source is read, before any compute: a row that is 
 lacks a mapped field is an error that names where it is — ``file:line`` for JSON lines and CSV,
 ``file row i`` for Parquet, ``dataset[split] row i`` for ``datasets`` (0-based).
 
+Rows that cannot be trained on are left out by stated rules and counted (:class:`Skipped`), each with
+where it is: a row over ``tasks.max_row_bytes`` (a JSON line is never held whole in memory past the
+limit; for other formats the question and answer are measured), and a prompt that, formatted and
+tokenized, leaves fewer than the response budget of the model's context (:func:`drop_long_prompts`).
+
 A row's question becomes the prompt through a :class:`PromptFormat`: ``template`` (``{prompt}`` is
 the question), an optional system prompt, optional few-shot examples, and — when the model has one
 and ``chat_template`` allows it — the tokenizer's chat template. Without a chat template the blocks
@@ -54,17 +59,40 @@ def file_format(path: str | Path) -> str:
 # ---------------------------------------------------------------------------- raw rows: (where, id, row)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, str, dict]]:
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        yield f"{path}:{n}", f"{path.stem}-{n}", row
+class Oversize(int):
+    """Stands for a row over the size limit: its size in bytes (the row itself is not kept)."""
+
+
+def _jsonl_rows(path: Path, max_bytes: int | None = None) -> Iterator[tuple[str, str, dict | Oversize]]:
+    """Rows of a JSON lines file, read line by line; a line longer than ``max_bytes`` is skipped unread
+    and yielded as :class:`Oversize` (its length), so one huge line cannot fill the memory."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise DatasetError(f"cannot read task file {path}: {e.strerror}") from None
+    with f:
+        n = 0
+        while raw := (f.readline() if max_bytes is None else f.readline(max_bytes + 2)):
+            n += 1
+            if max_bytes is not None and len(raw.rstrip(b"\r\n")) > max_bytes:
+                size = len(raw.rstrip(b"\r\n"))
+                while not raw.endswith(b"\n") and (raw := f.readline(1 << 20)):  # the rest, a chunk at a time
+                    size += len(raw.rstrip(b"\r\n"))
+                yield f"{path}:{n}", f"{path.stem}-{n}", Oversize(size)
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{n}", f"{path.stem}-{n}", row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, str, dict]]:
@@ -136,25 +164,99 @@ def _check(where: str, row: dict, key: str) -> str:
     return str(value)
 
 
+class Skipped:
+    """Rows left out of a task source, per rule: ``rule -> {where: detail}`` (a row read twice, as training
+    and evaluation task, counts once)."""
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, str]] = {}
+
+    def add(self, rule: str, where: str, detail: str) -> None:
+        self.rows.setdefault(rule, {})[where] = detail
+
+    def describe(self, shown: int = 3) -> list[str]:
+        """One line per rule: the count and the first few places."""
+        out = []
+        for rule, found in self.rows.items():
+            first = ", ".join(f"{w} ({d})" for w, d in list(found.items())[:shown])
+            more = f" and {len(found) - shown} more" if len(found) > shown else ""
+            out.append(f"{len(found)} row(s) left out, {rule}: {first}{more}")
+        return out
+
+
 def load_rows(source: str | Path, *, kind: str = "file", prompt_key: str = "prompt", answer_key: str = "answer",
-              split: str = "train", subset: str | None = None, limit: int | None = None) -> list[Task]:
+              split: str = "train", subset: str | None = None, limit: int | None = None,
+              max_row_bytes: int | None = None, skipped: Skipped | None = None) -> list[Task]:
     """Checked rows of ``source`` as tasks whose prompt is the raw question (no formatting yet).
 
     ``kind``: 'file' (format from the extension) or 'hf' (``datasets``; ``split``, ``subset``).
+    ``max_row_bytes``: rows larger than this (a JSON line; else question + answer, UTF-8) are left out and
+    recorded in ``skipped``; the task ids keep their place in the file (``<stem>-<line>``).
     """
+    return [task for _, task in load_rows_where(source, kind=kind, prompt_key=prompt_key, answer_key=answer_key,
+                                                split=split, subset=subset, limit=limit,
+                                                max_row_bytes=max_row_bytes, skipped=skipped)]
+
+
+def load_rows_where(source: str | Path, *, kind: str = "file", prompt_key: str = "prompt",
+                    answer_key: str = "answer", split: str = "train", subset: str | None = None,
+                    limit: int | None = None, max_row_bytes: int | None = None,
+                    skipped: Skipped | None = None) -> list[tuple[str, Task]]:
+    """:func:`load_rows` with where each task is (``file:line``, ``file row i``)."""
     if kind == "hf":
         rows = _hf_rows(str(source), split, subset)
     else:
         path = Path(source).expanduser()
-        rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[file_format(path)](path)
-    tasks: list[Task] = []
+        fmt = file_format(path)
+        rows = _jsonl_rows(path, max_row_bytes) if fmt == "jsonl" else {"csv": _csv_rows, "parquet": _parquet_rows}[fmt](path)
+    skipped = Skipped() if skipped is None else skipped
+    rule = f"over tasks.max_row_bytes={max_row_bytes}"
+    tasks: list[tuple[str, Task]] = []
     for where, task_id, row in rows:
         if limit is not None and len(tasks) >= limit:
             break
-        tasks.append(Task(task_id, _check(where, row, prompt_key), _check(where, row, answer_key)))
+        if isinstance(row, Oversize):
+            skipped.add(rule, where, f"{row:,} bytes")
+            continue
+        task = Task(task_id, _check(where, row, prompt_key), _check(where, row, answer_key))
+        size = len(task.prompt.encode()) + len(task.answer.encode())
+        if max_row_bytes is not None and size > max_row_bytes:
+            skipped.add(rule, where, f"{size:,} bytes")
+            continue
+        tasks.append((where, task))
     if not tasks:
-        raise DatasetError(f"{source}: no tasks")
+        reasons = "; ".join(skipped.describe()) if skipped.rows else ""
+        raise DatasetError(f"{source}: no tasks{' (' + reasons + ')' if reasons else ''}")
     return tasks
+
+
+def context_length(model_dir: str | Path) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` or its older names in ``config.json``)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = {**cfg.get("text_config", {}), **cfg}  # multimodal configs keep it under text_config
+    return next((int(cfg[k]) for k in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+                 if isinstance(cfg.get(k), int)), None)
+
+
+def drop_long_prompts(rows: list[tuple[str, Task]], tokenizer, *, context: int, response_tokens: int,
+                      skipped: Skipped) -> list[tuple[str, Task]]:
+    """The formatted rows whose prompt fits the model's context with ``response_tokens`` to spare; the
+    others are recorded in ``skipped`` (a prompt cut to fit would change the question, so none is cut)."""
+    from offpolicy.rollout.workflow import encode_prompt
+
+    budget = context - response_tokens
+    rule = f"prompt longer than the model's context {context} - {response_tokens} response tokens = {budget} tokens"
+    kept = []
+    for where, task in rows:
+        n = len(encode_prompt(tokenizer, task))
+        if n > budget:
+            skipped.add(rule, where, f"{n} tokens")
+        else:
+            kept.append((where, task))
+    return kept
 
 
 def load_jsonl_tasks(path: str | Path, *, prompt_key: str = "prompt", answer_key: str = "answer",

@@ -76,12 +76,14 @@ def seed_everything(seed: int) -> None:
 def task_source(cfg: Config, tokenizer=None) -> tuple[Iterator, list]:
     """(endless training-task iterator, held-out tasks) for ``cfg.tasks``, prompts formatted for the model.
 
-    File rows are checked here. ``tokenizer``: the policy's (for its chat template); None = load the one
-    of ``cfg.model.path`` when ``tasks.chat_template`` is not 'off'.
+    File rows are checked here; rows over ``tasks.max_row_bytes`` and prompts too long for the model's
+    context are left out and reported (count and file:line, printed). ``tokenizer``: the policy's (for its
+    chat template and the prompt lengths); None = load the one of ``cfg.model.path``.
     """
     from offpolicy.data import task_files as tf
 
     t = cfg.tasks
+    skipped = tf.Skipped()
     try:
         if t.name == "arithmetic":
             from offpolicy.data import arithmetic
@@ -98,23 +100,40 @@ def task_source(cfg: Config, tokenizer=None) -> tuple[Iterator, list]:
             shots = []
         else:
             kind = "hf" if t.name == "hf" else "file"
-            kw = {"kind": kind, "prompt_key": t.prompt_key, "answer_key": t.answer_key, "subset": t.subset}
-            rows = tf.load_rows(t.train_path, split=t.split, **kw)
+            kw = {"kind": kind, "prompt_key": t.prompt_key, "answer_key": t.answer_key, "subset": t.subset,
+                  "max_row_bytes": t.max_row_bytes, "skipped": skipped}
+            rows = tf.load_rows_where(t.train_path, split=t.split, **kw)
             n_shots = 0 if isinstance(t.few_shot, str) else t.few_shot
             if n_shots >= len(rows):
                 raise tf.DatasetError(f"tasks.few_shot={n_shots} leaves no training rows in {t.train_path}")
-            shots, rows = rows[:n_shots], rows[n_shots:]
-            held_out = tf.load_rows(t.eval_path or t.train_path, split=t.eval_split or t.split, limit=t.eval_size, **kw)
-            train = _epochs(rows, t.seed)
+            shots, rows = [task for _, task in rows[:n_shots]], rows[n_shots:]
+            held_out = tf.load_rows_where(t.eval_path or t.train_path, split=t.eval_split or t.split,
+                                          limit=t.eval_size, **kw)
+            train = None  # formatted below, once, so that long prompts can be left out
         if isinstance(t.few_shot, str):
             shots = tf.load_rows(t.few_shot, prompt_key=t.prompt_key, answer_key=t.answer_key)
-        if t.chat_template != "off" and tokenizer is None:
+        if tokenizer is None and (t.chat_template != "off" or train is None):
             from offpolicy.rollout.model import load_tokenizer, resolve_model_path
 
             tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
         chat = t.chat_template != "off" and tf.use_chat_template(t.chat_template, tokenizer)
         fmt = tf.PromptFormat(t.template, t.system_prompt, tuple((s.prompt, s.answer) for s in shots),
                               tokenizer if chat else None)
+        if train is None:  # file / hf rows: format, leave out prompts the context cannot hold, report
+            from offpolicy.rollout.model import resolve_model_path
+
+            context = tf.context_length(resolve_model_path(cfg.model.path))
+            budget = cfg.workflow.max_total_tokens if cfg.workflow.name == "multi_turn" else cfg.rollout.max_new_tokens
+            rows, held_out = ([(w, fmt.apply(task)) for w, task in part] for part in (rows, held_out))
+            if context is not None:
+                rows, held_out = (tf.drop_long_prompts(part, tokenizer, context=context, response_tokens=budget,
+                                                       skipped=skipped) for part in (rows, held_out))
+            for line in skipped.describe():
+                print(f"tasks: {line}", flush=True)
+            if not rows or not held_out:
+                raise tf.DatasetError(f"no {'training' if not rows else 'evaluation'} tasks left: "
+                                      + "; ".join(skipped.describe()))
+            return _epochs([task for _, task in rows], t.seed), [task for _, task in held_out]
         held_out = [fmt.apply(task) for task in held_out]
     except tf.DatasetError as e:
         raise ConfigError(f"tasks: {e}") from None

@@ -185,14 +185,15 @@ def test_smoke_tokenizer_round_trips_gsm8k(smoke_model_dir):
     assert len(tok) <= 2000 and len(tok(rows[0].prompt)["input_ids"]) < len(rows[0].prompt) / 2  # real merges
 
 
-def test_gsm8k_preset_rows_and_defaults(gsm8k_data):
+def test_gsm8k_preset_rows_and_defaults(gsm8k_data, smoke_model_dir):
     c = cfg("tasks.preset=gsm8k")
     t = c.tasks
     assert (t.name, t.prompt_key, t.answer_key, t.eval_size) == ("file", "question", "answer", 1319)
     assert t.train_path.endswith("gsm8k/train.jsonl") and t.eval_path.endswith("gsm8k/test.jsonl")
     assert c.reward.function == "math" and c.rollout.max_new_tokens == 512 and "####" in t.system_prompt
     assert len(load_rows(t.train_path, prompt_key="question")) == 7473
-    train, held_out = task_source(c)
+    # a model whose context holds GSM8K prompts (the bundled one's 64 tokens hold none); plain text prompts
+    train, held_out = task_source(cfg("tasks.preset=gsm8k", f"model.path={smoke_model_dir}", "tasks.chat_template=off"))
     assert len(held_out) == 1319 and held_out[0].prompt.endswith("Janet\u2019s ducks lay 16 eggs per day. She eats "
                                                                  "three for breakfast every morning and bakes muffins "
                                                                  "for her friends every day with four. She sells the "
