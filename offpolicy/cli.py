@@ -287,10 +287,18 @@ def _cmd_make_smoke_model(args) -> int:
 def _cmd_pretrain_tiny(args) -> int:
     import torch
 
+    torch.set_num_threads(args.threads)
+    steps = {} if args.steps is None else {"steps": args.steps}
+    if args.task == "calculator":
+        from offpolicy.train.tiny_calc import DEFAULT_DIR, pretrain_tiny_calc
+
+        res = pretrain_tiny_calc(args.out or DEFAULT_DIR, seed=args.seed, **steps)
+        scores = "  ".join(f"{k} {v:.3f}" for k, v in res.metrics.items())
+        print(f"{res.path}: {res.params:,} parameters, held-out {scores}, {res.seconds:.0f} s")
+        return 0
     from offpolicy.train.tiny import DEFAULT_DIR, pretrain_tiny
 
-    torch.set_num_threads(args.threads)
-    res = pretrain_tiny(args.out or DEFAULT_DIR, seed=args.seed, steps=args.steps)
+    res = pretrain_tiny(args.out or DEFAULT_DIR, seed=args.seed, **steps)
     print(f"{res.path}: {res.params:,} parameters, held-out greedy accuracy {res.accuracy:.3f}, "
           f"{res.seconds:.0f} s")
     return 0
@@ -372,10 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "the GPU runs out of memory)")
     e.add_argument("overrides", nargs="*", help="dotted overrides")
     e.set_defaults(fn=_cmd_eval)
-    pt = sub.add_parser("pretrain-tiny", help="build the bundled tiny model (tokenizer + SFT warm start)")
-    pt.add_argument("--out", help="output folder (default: offpolicy/assets/tiny-arith)")
+    pt = sub.add_parser("pretrain-tiny", help="build a bundled tiny model (tokenizer + SFT warm start)")
+    pt.add_argument("--task", choices=("arithmetic", "calculator"), default="arithmetic",
+                    help="arithmetic: tiny-arith; calculator: tiny-calc, the tool-using agent")
+    pt.add_argument("--out", help="output folder (default: offpolicy/assets/tiny-arith or tiny-calc)")
     pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--steps", type=int, default=1000, help="SFT steps")
+    pt.add_argument("--steps", type=int, help="SFT steps (default: 1000 arithmetic, 800 calculator)")
     pt.add_argument("--threads", type=int, default=2)
     pt.set_defaults(fn=_cmd_pretrain_tiny)
     sm = sub.add_parser("make-smoke-model", help="a tiny random Qwen2 model with a BPE tokenizer trained on "
