@@ -452,8 +452,8 @@ def _stopped(e: BaseException, run_dir=None) -> int | None:
     if not isinstance(e, (RewardFaultError, NumericalFaultError, CheckpointError)):
         return None
     note = ""
-    if isinstance(e, CheckpointError):
-        pass  # its message says which checkpoint is intact
+    if isinstance(e, CheckpointError):  # its message says which checkpoint is intact
+        note = f"\n(once it can be written: offpolicy train --resume {run_dir})" if run_dir is not None else ""
     elif run_dir is None:
         note = "\n(a checkpoint of the last good state was written)"
     elif (last := latest_checkpoint(run_dir)) is not None:

@@ -61,7 +61,11 @@ def score_one(fn: Callable[[str, str], float], response: str, truth: str) -> Sco
         return Scored(None, "exception", traceback.format_exc(limit=8))
 
 
+WORKER_START_S = 120.0  # a worker's start-up (importing the reward's module) is not the reward's time
+
+
 def _worker(fn, conn) -> None:
+    conn.send(None)  # ready: ``fn`` arrived, so its module is imported
     while True:
         job = conn.recv()
         if job is None:
@@ -118,11 +122,23 @@ class GuardedReward:
                    max_timeouts=reward_cfg.max_timeouts, on_fault=on_fault, name=reward_cfg.function)
 
     def _start(self) -> None:
+        """Start the worker and wait until it is ready, so that importing the reward's module does not count
+        against the first sample's limit. A worker that cannot load the function never will: stop."""
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_worker, args=(self.fn, child), daemon=True, name="offpolicy-reward")
         self._proc.start()
         child.close()
+        try:
+            if self._conn.poll(WORKER_START_S):
+                self._conn.recv()
+                return
+            why = f"did not start within {WORKER_START_S:.0f} s"
+        except EOFError:
+            self._proc.join(timeout=5)
+            why = f"exited while loading it (exit code {self._proc.exitcode}; its error is printed above)"
+        self._kill()
+        raise RewardFaultError(f"the reward worker for {self.name} {why}")
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.pid is not None:  # started
@@ -142,7 +158,9 @@ class GuardedReward:
         out: list[Scored] = []
         while len(out) < len(pairs):
             if self._proc is None or not self._proc.is_alive():
+                t0 = time.monotonic()
                 self._start()
+                deadline = None if deadline is None else deadline + time.monotonic() - t0  # start-up is not scoring
             pending = list(pairs[len(out):])
             self._conn.send(pending)
             for _ in pending:
