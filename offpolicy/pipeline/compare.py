@@ -3,11 +3,14 @@ sequence, then write one PNG dashboard and a Markdown table (see :mod:`offpolicy
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 from offpolicy.config import load_config
 from offpolicy.report import dashboard, load_run, summary_table
+
+EVAL_POINTS = 10  # evaluations per run when eval.every is not set
 
 
 def run_compare(presets: list[str], seeds: list[int], out_dir: str | Path, *, config: str | None = None,
@@ -16,7 +19,8 @@ def run_compare(presets: list[str], seeds: list[int], out_dir: str | Path, *, co
     """Run every (variant, preset, seed) and return (dashboard PNG, table .md).
 
     ``variants`` maps a label suffix to extra overrides (e.g. {"async": ["pipeline.mode=async", ...]});
-    default: one variant with no extra overrides. Every config is validated before the first run.
+    default: one variant with no extra overrides. Every config is validated before the first run. Unless
+    ``eval.every`` is set, runs evaluate about :data:`EVAL_POINTS` times, so that short runs have curves.
     """
     from offpolicy.pipeline import run
 
@@ -30,6 +34,8 @@ def run_compare(presets: list[str], seeds: list[int], out_dir: str | Path, *, co
                 name = f"{preset}{('-' + suffix) if suffix else ''}-s{seed}"
                 cfg = load_config(config, [*overrides, *extra, f"algorithm.preset={preset}", f"train.seed={seed}",
                                            f"run.dir={out_dir / name}", "run.progress=false", "run.save_final=false"])
+                if "every" not in cfg.eval.model_fields_set:  # the default (50) leaves a short run two points
+                    cfg.eval.every = max(1, math.ceil(cfg.train.steps / EVAL_POINTS))
                 plan.append((name, f"{preset}{(' ' + suffix) if suffix else ''}", cfg))
     from offpolicy.pipeline.context import bind_algorithm
 

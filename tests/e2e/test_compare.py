@@ -46,3 +46,26 @@ def test_compare_rejects_a_bad_preset_before_running(tmp_path, capsys):
     assert main(["compare", "--presets", "grpo", "nope", "--out", str(tmp_path)]) == 2
     assert "nope" in capsys.readouterr().err
     assert not any(tmp_path.glob("grpo-*/metrics.jsonl"))
+
+
+def test_the_reference_reaches_its_own_mean_and_short_runs_get_curves(tmp_path):
+    """The target is the reference's seed-mean final accuracy, read off seed-mean curves: the reference
+    reaches it (a seed below the mean used to make it "never"); a run without eval.every gets ~10 points;
+    the dashboard's curves include the training reward."""
+    from offpolicy.pipeline.compare import run_compare
+    from offpolicy.report import RunCurves, load_run, summary_table
+
+    a = RunCurves("ref", 0, steps=[0, 10, 20], accuracy=[0.1, 0.3, 0.4], rollouts=[0, 100, 200], seconds=[0, 1, 2])
+    b = RunCurves("ref", 1, steps=[0, 10, 20], accuracy=[0.1, 0.5, 0.6], rollouts=[0, 100, 200], seconds=[0, 3, 4])
+    c = RunCurves("other", 0, steps=[0, 10, 20], accuracy=[0.1, 0.2, 0.3], rollouts=[0, 100, 200], seconds=[0, 1, 2])
+    table, target = summary_table([a, b, c])
+    rows = {r.split("|")[1].strip(): [x.strip() for x in r.strip("|").split("|")] for r in table.splitlines()[2:]}
+    assert target == 0.5  # mean of 0.4 and 0.6
+    assert rows["ref"][4:6] == ["200", "3.0"]  # mean curve 0.1, 0.4, 0.5: reached at the last evaluation
+    assert rows["other"][4:6] == ["never", "never"]
+
+    png, _ = run_compare(["grpo"], [0], tmp_path, overrides=["train.steps=3", "tasks.eval_size=8",
+                                                               "rollout.prompts_per_step=4", "rollout.group_size=4",
+                                                               "run.loggers=[]"], log=lambda *a: None)
+    run = load_run(tmp_path / "grpo-s0")
+    assert run.steps == [0, 1, 2, 3] and len(run.reward) == 3 and all(0 <= r <= 1 for r in run.reward)
