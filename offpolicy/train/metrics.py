@@ -54,7 +54,8 @@ class _WandB:
 class _MLflow:
     """An MLflow run in experiment ``project``, named after the run directory, the config flattened into
     params. Tracking URI: ``MLFLOW_TRACKING_URI`` (or ``mlflow.set_tracking_uri``) when set, else the SQLite
-    store ``<run_dir>/mlflow.db``."""
+    store ``<run_dir>/mlflow.db``. Slashes after the kind become dots (``train/loss.clip_high_frac``): the
+    file store keeps a metric as a file, so ``loss`` and ``loss/clip_high_frac`` could not both exist."""
 
     module, extra = "mlflow", "mlflow"
 
@@ -72,7 +73,7 @@ class _MLflow:
             mlflow.log_params({k: params[k] for k in keys[i : i + 100]})
 
     def log(self, scalars: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics(scalars, step=step)
+        self._mlflow.log_metrics({_dotted(k): v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         self._mlflow.end_run()
@@ -119,6 +120,11 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return out
+
+
+def _dotted(key: str) -> str:
+    kind, _, name = key.partition("/")
+    return f"{kind}/{name.replace('/', '.')}"
 
 
 def _scalars(record: dict) -> dict[str, float]:
