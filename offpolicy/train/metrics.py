@@ -62,7 +62,7 @@ class _MLflow:
     def __init__(self, run_dir: Path, project: str, config: dict):
         import mlflow
 
-        if not os.environ.get("MLFLOW_TRACKING_URI") and not mlflow.is_tracking_uri_set():
+        if not os.environ.get("MLFLOW_TRACKING_URI") and not getattr(mlflow, "is_tracking_uri_set", bool)():
             mlflow.set_tracking_uri(f"sqlite:///{run_dir.resolve() / 'mlflow.db'}")
         mlflow.set_experiment(project)
         self._mlflow = mlflow
@@ -88,8 +88,7 @@ class _Trackio:
     def __init__(self, run_dir: Path, project: str, config: dict):
         import trackio
 
-        self._trackio = trackio
-        self._run = trackio.init(project=project, name=run_dir.name, config=config, embed=False)
+        self._run = trackio.init(project=project, name=run_dir.name, config=config)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self._run.log(scalars, step=step)
