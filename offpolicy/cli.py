@@ -359,6 +359,30 @@ def _cmd_presets(args) -> int:
     return 0
 
 
+def _cmd_reward_model(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from offpolicy.config import ConfigError
+    from offpolicy.data.pairs import load_pairs
+    from offpolicy.data.task_files import DatasetError
+    from offpolicy.train.reward_model import RewardModelSettings, train_reward_model
+
+    torch.set_num_threads(args.threads)
+    settings = RewardModelSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RewardModelSettings)})
+    try:
+        train = load_pairs(args.pairs, split=args.split)
+        held = load_pairs(args.eval_pairs, split=args.eval_split) if args.eval_pairs else None
+        res = train_reward_model(train, held, model=args.model, out=args.out, settings=settings)
+    except (DatasetError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if res.eval is not None:
+        print(f"{res.out}: held-out pair accuracy {res.initial_eval.accuracy:.3f} -> {res.eval.accuracy:.3f} "
+              f"after {settings.steps} steps, {res.seconds:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offpolicy", description="Off-policy reinforcement fine-tuning of LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -419,6 +443,41 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("presets", help="every named algorithm: functions, bound parameters, log-probs read, paper")
     ps.add_argument("name", nargs="?", help="one preset in full, e.g. grpo")
     ps.set_defaults(fn=_cmd_presets)
+    from offpolicy.train.reward_model import RewardModelSettings
+
+    d = RewardModelSettings()
+    rm = sub.add_parser("reward-model", help="reward models learnt from preference pairs (docs/preferences.md)")
+    rmt = rm.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="train a Bradley-Terry scalar reward model on preference pairs; save a HF folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    rmt.add_argument("--pairs", required=True, help="training pairs: .jsonl, .parquet or a `datasets` folder "
+                                                    "(prompt/chosen/rejected, text or messages)")
+    rmt.add_argument("--eval-pairs", help="held-out pairs; their pair accuracy is logged")
+    rmt.add_argument("--split", default="train", help="split of a `datasets` folder given to --pairs")
+    rmt.add_argument("--eval-split", default="test", help="split of a `datasets` folder given to --eval-pairs")
+    rmt.add_argument("--model", default="bundled", help="base model: a HF causal-LM (or reward-model) folder, "
+                                                        "'bundled' or 'bundled:<name>'")
+    rmt.add_argument("--out", required=True, help="output folder (model, tokenizer, metrics.jsonl)")
+    rmt.add_argument("--steps", type=int, default=d.steps, help="optimiser steps")
+    rmt.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    rmt.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step")
+    rmt.add_argument("--margin", type=float, default=d.margin, help="margin m of -log sigmoid(r_c - r_r - m) "
+                                                                   "for pairs without a 'margin' column")
+    rmt.add_argument("--center-coef", type=float, default=d.center_coef, help="c of c * mean((r_c + r_r)^2)")
+    rmt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    rmt.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
+    rmt.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "linear", "cosine"),
+                     help="decay after warm-up, down to lr * --min-lr-ratio at the last step")
+    rmt.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    rmt.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    rmt.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out accuracy every N steps "
+                                                                         "(and before the first, after the last)")
+    rmt.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    rmt.add_argument("--seed", type=int, default=d.seed)
+    rmt.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ...")
+    rmt.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
+    rmt.add_argument("--threads", type=int, default=2, help="CPU threads of torch")
+    rmt.set_defaults(fn=_cmd_reward_model)
     return p
 
 
