@@ -113,3 +113,23 @@ def test_bad_pairs_file_is_a_cli_error(tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "chosen": "2"}\n')
     assert main(["reward-model", "train", "--pairs", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'p.jsonl'}:1: missing field 'rejected'" in capsys.readouterr().err
+
+
+def test_conversational_pairs_on_a_qwen2_folder(tmp_path, smoke_model_dir):
+    """A chat model's folder trains as a reward model on conversational pairs, and the scorer, given the prompt
+    as the policy sees it (the chat template's rendering), scores the very sequence that training scored."""
+    from offpolicy.data.pairs import load_pairs, pair_token_ids
+    from offpolicy.train.reward_model import RewardModelSettings, train_reward_model
+
+    pairs = load_pairs(write_pairs(tmp_path / "chat.jsonl", arithmetic_pairs("train", 16), conversational=True))
+    res = train_reward_model(pairs, pairs[:8], model=str(smoke_model_dir), out=tmp_path / "rm", log=lambda _: None,
+                             settings=RewardModelSettings(steps=2, batch_size=4, eval_every=0))
+    assert res.eval is not None and (tmp_path / "rm" / "config.json").is_file()
+    scorer = RewardModelScorer(tmp_path / "rm", batch_size=8)
+    tok, p = scorer.tokenizer, pairs[0]
+    ids = pair_token_ids(tok, p)
+    rendered = tok.apply_chat_template(list(p.prompt_messages), tokenize=False, add_generation_prompt=True)
+    assert sample_ids(tok, rendered, p.chosen) == ids.prompt_ids + ids.chosen_ids
+    with torch.no_grad():
+        trained = sequence_scores(scorer.model, [ids.prompt_ids + ids.chosen_ids], tok.pad_token_id).item()
+    assert scorer([(p.chosen, p.answer, rendered)])[0].value == pytest.approx(trained, abs=1e-5)
