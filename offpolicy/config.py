@@ -163,6 +163,7 @@ class PipelineConfig(_Section):
     sync_interval: int = Field(1, ge=1, description="Publish weights to the explorer every k trainer steps.")
     sync_offset: int = Field(0, ge=0, description="The explorer runs n batches ahead: batch e is generated with weights of version e - n (rounded down to a multiple of sync_interval).")
     max_staleness: int | None = Field(None, ge=0, description="Bound on trainer version - generating version; None = sync_offset + sync_interval - 1 (the least that the schedule needs).")
+    explorer_restarts: int = Field(3, ge=0, description="async: an explorer process that dies is restarted this many times in a run (its unreported batches are rolled back and regenerated); one more death stops the run with a checkpoint.")
     explorer_threads: int | None = Field(None, ge=1, description="torch threads of the explorer process (async); None = half the CPUs this process may use (at least 1), so explorer + trainer never exceed them.")
 
 

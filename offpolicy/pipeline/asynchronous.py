@@ -24,7 +24,8 @@ from offpolicy.pipeline.explorer import Explorer, weights_version
 from offpolicy.pipeline.replay import apply_preset_defaults, sample_strategy
 from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
 from offpolicy.pipeline.trainer import RunResult, TrainLoop
-from offpolicy.pipeline.weights import WeightChannel
+from offpolicy.pipeline.weights import PeerGone, WeightChannel
+from offpolicy.rewards.guard import RewardFaultError
 
 
 def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports, stop, parent_pid: int) -> None:
@@ -89,8 +90,9 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports,
             ready.release()
             if stop.is_set():
                 return
-    except BaseException:  # report any failure to the trainer instead of dying silently
-        reports.put({"error": traceback.format_exc(), "pid": os.getpid()})
+    except BaseException as exc:  # report any failure to the trainer instead of dying silently
+        fault = isinstance(exc, RewardFaultError)  # a new process would meet it again: not restartable
+        reports.put({"error": str(exc) if fault else traceback.format_exc(), "fatal": fault, "pid": os.getpid()})
         ready.release()
     finally:
         if explorer is not None:
@@ -107,14 +109,23 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+class ExplorerDied(RuntimeError):
+    """The explorer process exited or failed with batches still due (the message says how). ``fatal``:
+    it failed in a way a restarted process would repeat (a reward fault)."""
+
+    def __init__(self, message: str, *, fatal: bool = False):
+        super().__init__(message)
+        self.fatal = fatal
+
+
 def _next_report(ready, reports, proc, pending: dict) -> None:
-    """Block until the explorer reports one more batch (into ``pending``). Raises on explorer failure."""
+    """Block until the explorer reports one more batch (into ``pending``). Raises ExplorerDied."""
     while not ready.acquire(timeout=1.0):
         if not proc.is_alive():
-            raise RuntimeError(f"the explorer process exited (code {proc.exitcode}) with batches still due")
+            raise ExplorerDied(f"the explorer process exited (code {proc.exitcode}) with batches still due")
     rep = reports.get(timeout=60.0)
     if "error" in rep:
-        raise RuntimeError(f"the explorer process failed:\n{rep['error']}")
+        raise ExplorerDied(f"the explorer process failed:\n{rep['error']}", fatal=rep.get("fatal", False))
     pending[rep["batch"]] = rep
 
 
@@ -128,19 +139,27 @@ def _batch_index(exps) -> int:
 
 
 class _ExplorerProcess:
-    """The explorer process and its hand-offs: the weight channel, the job queue, the batch reports."""
+    """The explorer process and its hand-offs: the weight channel, the job queue, the batch reports.
+    ``restart`` replaces a dead process with a new one that continues after the last batch reported."""
 
     def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.mpc = mp.get_context("spawn")
+        self.channel = WeightChannel(self.mpc)
+        self.pending: dict[int, dict] = {}
+        self.latest: tuple[int, dict | None] | None = None  # (batch, cursor after it) of the last report
+        self.restarts = 0
+        self._spawn()
+
+    def _spawn(self) -> None:
         import os
 
-        mpc = mp.get_context("spawn")
-        self.channel = WeightChannel(mpc)
+        mpc = self.mpc
         self.ready, self.reports, self.stop_event, self.setup = mpc.Semaphore(0), mpc.Queue(), mpc.Event(), mpc.Queue()
         self.setup.cancel_join_thread()  # an explorer that died before reading its job must not block our exit
-        self.pending: dict[int, dict] = {}
         # not a daemon: the explorer starts its own reward worker; stop() always ends it
         self.proc = mpc.Process(target=_explorer_main, name="offpolicy-explorer", daemon=False,
-                                args=(cfg.model_dump_json(), self.channel, self.setup, self.ready, self.reports,
+                                args=(self.cfg.model_dump_json(), self.channel, self.setup, self.ready, self.reports,
                                       self.stop_event, os.getpid()))
         self.proc.start()
 
@@ -150,16 +169,40 @@ class _ExplorerProcess:
         self.channel.publish(ctx.model, start["min_version"], after_loaded=None)
         if start["min_version"]:  # the explorer may need only newer versions; do not wait for it to load this
             self.channel.mark_loaded(start["min_version"])
+        self.latest = (start["batch"] - 1, start["explorer"])
         self.setup.put({"tensors": slot, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
 
     def next_batch(self, buffer, strategy, rows: int, now_version: int) -> tuple[list, dict]:
         """Block until the buffer yields the batch for ``now_version``; (its rows, the explorer's report)."""
         while not (exps := buffer.sample(rows, strategy, now_version=now_version)):
-            _next_report(self.ready, self.reports, self.proc, self.pending)
+            self._next_report()
         e = _batch_index(exps)
         while e not in self.pending:  # the explorer reports each batch right after putting it
-            _next_report(self.ready, self.reports, self.proc, self.pending)
+            self._next_report()
         return exps, self.pending.pop(e)
+
+    def _next_report(self) -> None:
+        _next_report(self.ready, self.reports, self.proc, self.pending)
+        last = max(self.pending)
+        if self.latest is None or last > self.latest[0]:
+            self.latest = (last, self.pending[last]["state"])
+
+    def restart(self, ctx, buffer, now_version: int) -> int:
+        """Replace the dead explorer: its unreported batches (rows put without a report) are rolled back
+        (fate ``dropped`` in the ledger) and regenerated by a new process, from the cursor after the last
+        reported batch, with the weights published now. Returns the first batch the new process makes."""
+        from offpolicy.pipeline.resume import RollBackBatches
+
+        self.stop()
+        last, cursor = self.latest
+        buffer.sample(0, RollBackBatches(last), now_version=now_version)
+        self.restarts += 1
+        self.channel.renew_lock(self.mpc)  # the dead process may have died holding it
+        self._spawn()
+        start = {"batch": last + 1, "explorer": cursor, "min_version": self.channel.published}
+        self.channel.mark_loaded(self.channel.published)
+        self.setup.put({"tensors": self.channel.tensors, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
+        return last + 1
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -225,12 +268,8 @@ def _train(ctx, explorer: _ExplorerProcess, buffer, strategy, loop: TrainLoop, s
         t0 = time.perf_counter()
         for step in range(first + 1, cfg.train.steps + 1):
             t_wait = time.perf_counter()
-            try:
-                exps, report = explorer.next_batch(buffer, strategy, rows, now_version=step - 1)
-            except RuntimeError:
-                if step > first + 1:
-                    save(step - 1)
-                raise
+            exps, report = _next_or_restart(ctx, explorer, buffer, strategy, rows, step, save=save,
+                                            can_save=step > first + 1)
             idle_s = time.perf_counter() - t_wait
             e = report.pop("batch")
             cursor[e] = report.pop("state")
@@ -240,11 +279,48 @@ def _train(ctx, explorer: _ExplorerProcess, buffer, strategy, loop: TrainLoop, s
             def publish(step=step) -> dict:
                 wait = publish_s = 0.0
                 if step % p.sync_interval == 0 and step <= last_needed:
-                    wait, publish_s = explorer.channel.publish(ctx.model, step, after_loaded=step - p.sync_interval)
+                    try:
+                        wait, publish_s = explorer.channel.publish(ctx.model, step, after_loaded=step - p.sync_interval,
+                                                                   alive=explorer.proc.is_alive)
+                    except PeerGone as err:  # publish anyway, then a new explorer starts from these weights
+                        explorer.channel.renew_lock(explorer.mpc)
+                        wait, publish_s = explorer.channel.publish(ctx.model, step, after_loaded=None)
+                        _restart(ctx, explorer, buffer, step, ExplorerDied(str(err)))
                 return {"publish_s": publish_s, "publish_wait_s": wait}
 
-            loop.step(step, exps, t0, {**report, "trainer_idle_s": idle_s}, save=save, stop=stop, after_train=publish)
+            restarts = {"explorer_restarts": explorer.restarts} if explorer.restarts else {}
+            loop.step(step, exps, t0, {**report, "trainer_idle_s": idle_s, **restarts}, save=save, stop=stop,
+                      after_train=publish)
             t0 = time.perf_counter()  # evaluation and checkpoints are not step time (as in sync)
         result = loop.finish()
         save(cfg.train.steps, result.eval_after)
         return result
+
+
+def _next_or_restart(ctx, explorer: _ExplorerProcess, buffer, strategy, rows: int, step: int, *, save,
+                     can_save: bool) -> tuple[list, dict]:
+    """The batch for ``step``; a dead explorer is restarted up to ``pipeline.explorer_restarts`` times,
+    after that the run stops with a checkpoint of the last step (ExplorerDied)."""
+    limit = ctx.cfg.pipeline.explorer_restarts
+    while True:
+        try:
+            return explorer.next_batch(buffer, strategy, rows, now_version=step - 1)
+        except ExplorerDied as err:
+            if (err.fatal or explorer.restarts >= limit) and can_save:
+                save(step - 1)
+            _restart(ctx, explorer, buffer, step, err)
+
+
+def _restart(ctx, explorer: _ExplorerProcess, buffer, step: int, err: ExplorerDied) -> None:
+    """Restart a dead explorer, or raise ExplorerDied past ``pipeline.explorer_restarts`` (or when it died
+    of a reward fault, which a new process would meet again)."""
+    import sys
+
+    limit = ctx.cfg.pipeline.explorer_restarts
+    if err.fatal:
+        raise err
+    if explorer.restarts >= limit:
+        raise ExplorerDied(f"{err}\n(restarted {explorer.restarts} time(s); pipeline.explorer_restarts={limit})") from None
+    first = explorer.restart(ctx, buffer, now_version=step - 1)
+    print(f"step {step}: {str(err).splitlines()[0]}; restarting it ({explorer.restarts}/{limit}), regenerating "
+          f"from batch {first}", file=sys.stderr, flush=True)

@@ -18,22 +18,49 @@ import torch
 from offpolicy.rollout.model import load_trainable_state, trainable_state
 
 
+class PeerGone(RuntimeError):
+    """The process on the other end of the channel died while this one waited for it."""
+
+
+def _poll(done, *, deadline: float, alive, what: str) -> None:
+    """Wait until ``done()``, sleeping 0.5 ms growing to 10 ms; PeerGone / TimeoutError otherwise."""
+    pause = 0.0005
+    while not done():
+        if alive is not None and not alive():
+            raise PeerGone(f"the other process died while waiting for {what}")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{what} did not happen in time")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+
+
 class WeightChannel:
     """Created by the trainer before the explorer process starts and pickled into it (spawn): the
     counters and their lock. The slot itself comes later (:meth:`allocate` in the trainer once its
     model exists, sent to the explorer, which calls :meth:`attach`), so the explorer process can start
-    and load its own model while the trainer is still building its context."""
+    and load its own model while the trainer is still building its context.
+
+    Waiting is polling (sub-millisecond at first), not a multiprocessing Condition: a Condition's
+    ``notify`` blocks until every waiter wakes, so one waiter killed (``kill -9``) would hang the other
+    side forever. The lock is held only while copying; one left held by a dead process is replaced by
+    :meth:`renew_lock`.
+    """
 
     def __init__(self, mp_context):
         self.tensors: dict[str, torch.Tensor] | None = None
         self._published = mp_context.Value("q", -1, lock=False)
         self._loaded = mp_context.Value("q", -1, lock=False)
-        self._cond = mp_context.Condition()
+        self._lock = mp_context.Lock()
 
     def allocate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Create the slot (shared-memory copies of ``model``'s trainable state); returns it for :meth:`attach`."""
         self.tensors = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in trainable_state(model).items()}
         return self.tensors
+
+    def renew_lock(self, mp_context) -> None:
+        """A fresh lock, before a new explorer process starts: one killed while copying would hold the old
+        one forever. Only the trainer may call this, with no explorer alive."""
+        self._lock = mp_context.Lock()
 
     def attach(self, tensors: dict[str, torch.Tensor]) -> None:
         """Use the slot the trainer allocated (received through a queue: the same shared memory)."""
@@ -46,28 +73,39 @@ class WeightChannel:
     def published(self) -> int:
         return self._published.value
 
+    def _acquire(self, deadline: float, alive) -> None:
+        while not self._lock.acquire(timeout=0.5):
+            if alive is not None and not alive():
+                raise PeerGone("the other process died holding the weight channel's lock")
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the weight channel's lock was not released in time")
+
     def publish(self, model: torch.nn.Module, version: int, *, after_loaded: int | None,
-                timeout: float = 600.0) -> tuple[float, float]:
+                timeout: float = 600.0, alive=None) -> tuple[float, float]:
         """Copy ``model``'s weights into the slot as ``version`` once the explorer has loaded
-        ``after_loaded`` (None: do not wait). Returns (seconds waited, seconds copying)."""
+        ``after_loaded`` (None: do not wait). Returns (seconds waited, seconds copying).
+
+        ``alive``: a callable telling whether the explorer still lives, checked while waiting: PeerGone
+        instead of waiting forever for a dead process."""
         t0 = time.perf_counter()
-        with self._cond:
-            if after_loaded is not None and not self._cond.wait_for(
-                    lambda: self._loaded.value >= after_loaded, timeout):
-                raise TimeoutError(f"explorer did not load weight version {after_loaded} within {timeout:.0f} s")
+        deadline = t0 + timeout
+        if after_loaded is not None:
+            _poll(lambda: self._loaded.value >= after_loaded, deadline=deadline, alive=alive,
+                  what=f"the explorer to load weight version {after_loaded}")
+        self._acquire(deadline, alive)
+        try:
             t1 = time.perf_counter()
             with torch.no_grad():
                 for k, v in trainable_state(model).items():
                     self.tensors[k].copy_(v.detach())
             self._published.value = version
-            self._cond.notify_all()
+        finally:
+            self._lock.release()
         return t1 - t0, time.perf_counter() - t1
 
     def mark_loaded(self, version: int) -> None:
         """Treat ``version`` as loaded (after a resume the explorer may skip straight to a newer one)."""
-        with self._cond:
-            self._loaded.value = max(self._loaded.value, version)
-            self._cond.notify_all()
+        self._loaded.value = max(self._loaded.value, version)
 
     def load(self, model: torch.nn.Module, version: int, *, timeout: float = 600.0, alive=None) -> tuple[float, float]:
         """Wait for ``version`` in the slot and copy it into ``model``. Returns (seconds waited, copying).
@@ -76,16 +114,19 @@ class WeightChannel:
         """
         t0 = time.perf_counter()
         deadline = t0 + timeout
-        with self._cond:
-            while self._published.value < version:
-                if time.perf_counter() > deadline or (alive is not None and not alive()):
-                    raise TimeoutError(f"weight version {version} was not published")
-                self._cond.wait(0.5)
+        try:
+            _poll(lambda: self._published.value >= version, deadline=deadline, alive=alive,
+                  what=f"weight version {version} to be published")
+        except (PeerGone, TimeoutError):
+            raise TimeoutError(f"weight version {version} was not published") from None
+        self._acquire(deadline, alive)
+        try:
             if self._published.value != version:
                 raise RuntimeError(f"weight slot holds version {self._published.value}, expected {version}")
             t1 = time.perf_counter()
             with torch.no_grad():
                 load_trainable_state(model, self.tensors)
             self._loaded.value = version
-            self._cond.notify_all()
+        finally:
+            self._lock.release()
         return t1 - t0, time.perf_counter() - t1
