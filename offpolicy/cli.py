@@ -1,4 +1,5 @@
-"""Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot | presets | config``.
+"""Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot | presets | config |
+reward-model``.
 
 Heavy imports (torch, transformers) happen inside the commands so ``offpolicy --help`` is instant.
 """
