@@ -52,3 +52,89 @@ def thread_split(mode: str, trainer: int | None, explorer: int | None, cpus: int
     if explorer is None:
         explorer = max(1, cpus - trainer) if trainer else max(1, cpus // 2)
     return trainer or max(1, cpus - explorer), explorer
+
+
+def _cpu_jiffies(cpus: set[int]) -> tuple[int, int]:
+    """(busy, total) jiffies summed over ``cpus`` from /proc/stat."""
+    busy = total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *vals = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        v = [int(x) for x in vals]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        total += sum(v[:8])
+        busy += sum(v[:8]) - idle
+    return busy, total
+
+
+def _proc_jiffies(pid: int) -> int:
+    """utime + stime of a process (all its threads), or 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and all its descendants (reward workers, an async explorer), from /proc."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for c, p in parent.items() if p in frontier]
+        out += frontier
+    return out
+
+
+class ThreadGovernor:
+    """Adapts the trainer's torch threads to the CPUs that other processes leave free.
+
+    Every ``every`` steps it measures, from /proc, how much CPU the processes other than this one and its
+    descendants (reward workers; in async mode the explorer) used on the CPUs this process may run on,
+    and sets the trainer's
+    threads to the rest (at least 1, at most ``max_threads``), with hysteresis. OpenMP threads that spin
+    at barriers while a competitor holds one of their cores make every step wait for the descheduled
+    thread (a 10-20x slowdown measured here); one thread fewer avoids it. Linux only (a no-op elsewhere).
+    """
+
+    def __init__(self, max_threads: int, *, every: int = 10):
+        self.max_threads = self.threads = max_threads
+        self.every = every
+        self.cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+        self._last = self._sample() if Path("/proc/stat").exists() and self.cpus else None
+
+    def _sample(self) -> tuple[int, int, int]:
+        busy, total = _cpu_jiffies(self.cpus)
+        return busy, total, sum(_proc_jiffies(p) for p in _family(os.getpid()))
+
+    def others(self) -> float | None:
+        """CPUs' worth of work done by other processes since the last call (None: not measurable)."""
+        if self._last is None:
+            return None
+        now = self._sample()
+        d_busy, d_total, d_ours = (a - b for a, b in zip(now, self._last))
+        self._last = now
+        if d_total <= 0:
+            return None
+        return max(0.0, (d_busy - d_ours) / d_total * len(self.cpus))
+
+    def tick(self, step: int) -> int:
+        """Call once per step; every ``every`` steps re-decide. Returns the trainer's thread count."""
+        if self.max_threads <= 1 or step % self.every:
+            return self.threads
+        others = self.others()
+        if others is None:
+            return self.threads
+        want = max(1, min(self.max_threads, self.max_threads - math.floor(others + 0.4)))
+        if want != self.threads:
+            import torch
+
+            torch.set_num_threads(want)
+            self.threads = want
+        return self.threads

@@ -31,3 +31,23 @@ def test_cgroup_v2_file_is_read(monkeypatch, tmp_path):
     assert threads._cgroup_quota() == 2.5
     f.write_text("max 100000\n")
     assert threads._cgroup_quota() is None
+
+
+def test_governor_gives_up_a_thread_while_another_process_competes(monkeypatch):
+    gov = threads.ThreadGovernor(2, every=5)
+    set_to = []
+    monkeypatch.setattr("torch.set_num_threads", lambda n: set_to.append(n))
+    samples = iter([
+        (200, 200, 200),    # 5 steps alone: 200 of 200 jiffies busy, all ours -> others 0
+        (400, 400, 300),    # a competitor: 100 of the 200 busy jiffies were not ours -> 1 CPU's worth
+        (600, 600, 400),    # it goes on (we ran one thread)
+        (790, 800, 590),    # gone again: all busy time ours (10 idle jiffies)
+    ])
+    monkeypatch.setattr(gov, "_sample", lambda: next(samples))
+    gov.cpus = {0, 1}
+    gov._last = (0, 0, 0)
+    assert gov.tick(3) == 2 and set_to == []  # only every 5 steps
+    assert gov.tick(5) == 2                   # others = 0
+    assert gov.tick(10) == 1 and set_to == [1]  # others = 1.0 of 2 CPUs
+    assert gov.tick(15) == 1
+    assert gov.tick(20) == 2 and set_to == [1, 2]  # others = 0: back to both

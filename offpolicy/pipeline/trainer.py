@@ -99,6 +99,11 @@ class TrainLoop:
             import copy
 
             self.prev_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.governor = None  # automatic thread count: adapts to what other processes leave free
+        if self.cfg.train.threads is None:
+            from offpolicy.threads import ThreadGovernor
+
+            self.governor = ThreadGovernor(torch.get_num_threads())
         self.sil = None  # SPEAR self-imitation (its buffer is part of the checkpoint)
         if "self_imitation" in ctx.algo.settings:
             from offpolicy.pipeline.self_imitation import SelfImitation
@@ -164,6 +169,8 @@ class TrainLoop:
         counted from ``t0``, checkpoint when due or asked, and stop on a signal (``stop.requested``).
         ``save(step)`` writes a checkpoint; a numerical fault checkpoints the last good state first."""
         record = self.train(exps, step)
+        if self.governor is not None:
+            record["threads"] = self.governor.tick(step)
         if self.reincarnation.after_step(step, self.strategy):
             record["reincarnated"] = 1
         if after_train is not None:
