@@ -66,7 +66,7 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports,
             return
         channel.attach(job["tensors"])
         buffer, start = job["buffer"], job["start"]
-        tasks, _ = task_source(cfg, tokenizer)  # built once, in this process
+        tasks, _ = task_source(cfg, tokenizer, report=lambda line: None)  # built once here; the trainer reports
         explorer = Explorer(cfg, model, tokenizer, tasks=tasks, reward_fn=reward_function(cfg),
                             run_dir=Path(job["run_dir"]))
         if start["explorer"] is not None:

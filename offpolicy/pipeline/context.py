@@ -73,7 +73,7 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def task_source(cfg: Config, tokenizer=None) -> tuple[Iterator, list]:
+def task_source(cfg: Config, tokenizer=None, *, report: Callable[[str], None] | None = None) -> tuple[Iterator, list]:
     """(endless training-task iterator, held-out tasks) for ``cfg.tasks``, prompts formatted for the model.
 
     File rows are checked here; rows over ``tasks.max_row_bytes`` and prompts too long for the model's
@@ -128,8 +128,8 @@ def task_source(cfg: Config, tokenizer=None) -> tuple[Iterator, list]:
             if context is not None:
                 rows, held_out = (tf.drop_long_prompts(part, tokenizer, context=context, response_tokens=budget,
                                                        skipped=skipped) for part in (rows, held_out))
-            for line in skipped.describe():
-                print(f"tasks: {line}", flush=True)
+            for line in skipped.describe():  # rows left out: printed (flushed) unless ``report`` takes them
+                (report or (lambda text: print(text, flush=True)))(f"tasks: {line}")
             if not rows or not held_out:
                 raise tf.DatasetError(f"no {'training' if not rows else 'evaluation'} tasks left: "
                                       + "; ".join(skipped.describe()))

@@ -18,7 +18,7 @@ from offpolicy.algos import tool_call_reward, tool_call_reward_weight
 from offpolicy.data.experience import Experience, collate
 from offpolicy.pipeline.context import RunContext
 from offpolicy.pipeline.resume import RunStopped
-from offpolicy.rewards.guard import FirstFaults, GuardedReward
+from offpolicy.rewards.guard import FirstFaults, GuardedReward, RewardFaultError
 from offpolicy.rollout.model import save_policy
 from offpolicy.rollout.engine import make_engine
 from offpolicy.rollout.workflow import build_workflow
@@ -177,8 +177,8 @@ class TrainLoop:
             timings = {**timings, **after_train()}
         try:
             self.log(record, {**timings, "step_s": time.perf_counter() - t0})
-        except NumericalFaultError:
-            save(step)  # skipped steps left the weights as they were
+        except (NumericalFaultError, RewardFaultError):
+            save(step)  # skipped steps left the weights as they were; a reward that stalls the evaluation
             raise
         if stop.requested or (self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0):
             save(step)
@@ -206,8 +206,9 @@ class TrainLoop:
         self.consecutive_skips += 1
         batch = {k: record[k] for k in ("reward_mean", "reward_std", "response_len", "adv_abs_mean", "loss",
                                         "grad_norm") if k in record}
-        print(f"step {record['step']}: non-finite loss or gradient, optimiser step skipped "
-              f"({self.consecutive_skips} in a row); batch statistics {batch}")
+        say = self.progress.line if self.progress else print  # timestamped and in run.log when there is one
+        say(f"step {record['step']}: non-finite loss or gradient, optimiser step skipped "
+            f"({self.consecutive_skips} in a row); batch statistics {batch}")
         if self.consecutive_skips > self.cfg.train.max_skipped_steps:
             raise NumericalFaultError(
                 f"{self.consecutive_skips} consecutive steps with a non-finite loss or gradient (more than "
