@@ -80,6 +80,9 @@ class MultiTurn:
         settings = dict(wcfg.env_args)
         if accepts(resolve_env(wcfg.env), "tool_timeout_s"):
             settings.setdefault("tool_timeout_s", wcfg.tool_timeout_s)
+        elif wcfg.tool_timeout_s != type(wcfg).model_fields["tool_timeout_s"].default:
+            raise ValueError(f"workflow.tool_timeout_s: the environment {wcfg.env!r} takes no tool time limit (its "
+                             "tools run in-process or under their own limit; see its settings in workflow.env_args)")
         factory = make_env_factory(wcfg.env, **settings)
         return cls(factory, max_turns=wcfg.max_turns, max_total_tokens=wcfg.max_total_tokens)
 

@@ -232,3 +232,19 @@ def test_an_environment_that_raises_isolates_its_episode(tok, capsys):
     (e,) = exps
     assert e.info["reward_fault"] == "env_exception" and e.response_mask.sum() == 0 and e.reward == 0.0
     assert "the environment raised on task t0" in capsys.readouterr().err
+
+
+def test_workflow_settings_no_environment_honours_are_refused():
+    from offpolicy.config import ConfigError, load_config
+    from offpolicy.pipeline.context import check_workflow
+
+    base = ["workflow.name=multi_turn", "workflow.env=calculator", "tasks.name=calculator"]
+    check_workflow(load_config(None, base))
+    with pytest.raises(ConfigError, match="workflow.tool_timeout_s: the environment 'calculator' takes no"):
+        check_workflow(load_config(None, [*base, "workflow.tool_timeout_s=2"]))
+    with pytest.raises(ConfigError, match="env_args for 'calculator'.*formt"):
+        check_workflow(load_config(None, [*base, "workflow.env_args={formt: hermes}"]))
+    with pytest.raises(ConfigError, match="unknown environment 'calculater'.*did you mean 'calculator'"):
+        check_workflow(load_config(None, ["workflow.name=multi_turn", "workflow.env=calculater"]))
+    with pytest.raises(ConfigError, match="workflow.max_turns needs workflow.name=multi_turn"):
+        load_config(None, ["workflow.max_turns=2"])
