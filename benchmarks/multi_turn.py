@@ -29,7 +29,7 @@ class TimedEngine:
     def generate(self, prompts, **kw):
         t0 = time.perf_counter()
         ro = self.engine.generate(prompts, **kw)
-        self.calls.append({"rows": len(prompts), "context": statistics.mean(len(p) for p in prompts),
+        self.calls.append({"rows": len(prompts) * kw.get("n", 1), "context": statistics.mean(len(p) for p in prompts),
                            "tokens": sum(len(r) for r in ro.response_ids), "s": time.perf_counter() - t0})
         return ro
 

@@ -104,8 +104,8 @@ class MultiTurn:
             if not active:
                 break
             budget = [self.max_total_tokens - len(e.ids) for e in active]
-            ro = engine.generate([e.prompt_ids + e.ids for e in active], n=1,
-                                 max_new_tokens=min(sampling.max_new_tokens, max(budget)),
+            contexts, n = _shared([e.prompt_ids + e.ids for e in active], sampling.group_size)
+            ro = engine.generate(contexts, n=n, max_new_tokens=min(sampling.max_new_tokens, max(budget)),
                                  temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                  greedy=sampling.greedy, stop_ids=stop_ids, generator=generator)
             engine_lp = ro.engine_logp or ro.behav_logp
@@ -198,6 +198,15 @@ class MultiTurn:
             exp.response_mask = torch.zeros_like(exp.response_mask)
             exp.group_id += f"#prefix{row}"
         return exp
+
+
+def _shared(contexts: list[list[int]], k: int) -> tuple[list[list[int]], int]:
+    """(contexts, n) for the engine: while every run of ``k`` consecutive episodes (one task's group) still
+    has the same context (the first turn), each distinct context once with ``n = k`` — the engine then runs
+    its forward once per group — else every context with ``n = 1``. Rows come back in the same order."""
+    if k > 1 and len(contexts) % k == 0 and all(contexts[i] == contexts[i - i % k] for i in range(len(contexts))):
+        return contexts[::k], k
+    return contexts, 1
 
 
 def _render(tokenizer, messages: list[dict], env) -> list[int]:

@@ -32,14 +32,15 @@ class ScriptedEngine:
 
     def generate(self, prompts, *, n=1, max_new_tokens=8, stop_ids=(), **kw):
         self.calls.append({"prompts": [list(p) for p in prompts], "stop_ids": list(stop_ids),
-                           "max_new_tokens": max_new_tokens})
+                           "max_new_tokens": max_new_tokens, "n": n})
         text = self.turns[len(self.calls) - 1]
         ids = self.tok(text.replace("<eos>", ""), add_special_tokens=False)["input_ids"]
         ids += [self.tok.eos_token_id] if text.endswith("<eos>") else []
         ids = torch.tensor(ids[:max_new_tokens])
         lp = -0.1 * torch.arange(1, len(ids) + 1, dtype=torch.float32)
-        return Rollouts(list(range(len(prompts))), [ids] * len(prompts), [lp] * len(prompts),
-                        [text.endswith("<eos>")] * len(prompts))
+        rows = len(prompts) * n
+        return Rollouts([i for i in range(len(prompts)) for _ in range(n)], [ids] * rows, [lp] * rows,
+                        [text.endswith("<eos>")] * rows)
 
 
 class ScriptedCalc:
@@ -248,3 +249,24 @@ def test_workflow_settings_no_environment_honours_are_refused():
         check_workflow(load_config(None, ["workflow.name=multi_turn", "workflow.env=calculater"]))
     with pytest.raises(ConfigError, match="workflow.max_turns needs workflow.name=multi_turn"):
         load_config(None, ["workflow.max_turns=2"])
+
+
+def test_first_turn_shares_each_task_prompt_across_its_group(tok):
+    engine = ScriptedEngine(tok, ["[12*3]", "36<eos>"])
+    wf = MultiTurn(ScriptedCalc)
+    tasks = [Task("a", "12*3=", "36"), Task("b", "2*3=", "6")]
+    exps = wf(engine, tok, tasks, GuardedReward(exact_match, timeout_s=None), sampling=Sampling(group_size=3))
+    # turn 1: one context per task, n = 3; the scripted turns keep each group's contexts identical, so turn 2
+    # shares too (with sampled turns they differ, and every episode then goes with n = 1)
+    assert engine.calls[0]["n"] == 3 and engine.calls[0]["prompts"] == [tok(t.prompt)["input_ids"] for t in tasks]
+    assert engine.calls[1]["n"] == 3 and len(engine.calls[1]["prompts"]) == 2
+    assert [e.task_id for e in exps] == ["a"] * 3 + ["b"] * 3
+    assert [e.reward for e in exps] == [1.0] * 6  # the scripted environment accepts "36" whatever the task
+
+
+def test_contexts_are_shared_only_while_each_group_agrees():
+    from offpolicy.rollout.multi_turn import _shared
+
+    assert _shared([[1], [1], [2], [2]], 2) == ([[1], [2]], 2)
+    assert _shared([[1], [1, 5], [2], [2]], 2) == ([[1], [1, 5], [2], [2]], 1)
+    assert _shared([[1], [1], [1]], 2) == ([[1], [1], [1]], 1)  # not whole groups
