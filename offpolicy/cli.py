@@ -222,8 +222,10 @@ def _cmd_train(args) -> int:
             raise
         return code
     b, a = res.eval_before["accuracy"], res.eval_after["accuracy"]
-    console.line(f"done: {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s; greedy accuracy on "
-                 f"{cfg.tasks.eval_size} {_eval_label(cfg)} tasks {b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f} pts)")
+    measure = "preference accuracy on" if "preference_accuracy" in res.eval_after else "greedy accuracy on"
+    unit = "pairs" if cfg.tasks.name == "pairs" else "tasks"
+    console.line(f"done: {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s; {measure} "
+                 f"{cfg.tasks.eval_size} {_eval_label(cfg)} {unit} {b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f} pts)")
     console.line(f"run directory: {res.run_dir}  (run.log, metrics.jsonl, config.yaml, checkpoints/"
                  f"{', final/' if cfg.run.save_final else ''}{', tb/' if 'tensorboard' in cfg.run.loggers else ''})")
     console.close()

@@ -41,7 +41,7 @@ class ModelConfig(_Section):
 
 
 class TasksConfig(_Section):
-    name: Literal["arithmetic", "calculator", "file", "hf", "jsonl"] = Field("arithmetic", description="Task source: generated arithmetic; 'calculator': generated multiplications too large to do in the head (for the calculator environment); 'file': JSON lines / Parquet / CSV files (format from the extension; 'jsonl' is an alias); 'hf': a Hugging Face `datasets` dataset (save_to_disk folder, local data folder, or hub name).")
+    name: Literal["arithmetic", "calculator", "pairs", "file", "hf", "jsonl"] = Field("arithmetic", description="Task source: generated arithmetic; 'calculator': generated multiplications too large to do in the head (for the calculator environment); 'pairs': preference pairs in the standard format (prompt/chosen/rejected, text or messages; JSONL, Parquet, CSV or a datasets folder) for algorithm.preset=dpo / ipo — it implies workflow.name=pairs and rollout.group_size=2 (docs/preferences.md); 'file': JSON lines / Parquet / CSV files (format from the extension; 'jsonl' is an alias); 'hf': a Hugging Face `datasets` dataset (save_to_disk folder, local data folder, or hub name).")
     preset: Literal["gsm8k"] | None = Field(None, description="Fill defaults for a known data set (keys you set win): gsm8k = the GSM8K files ($OFFPOLICY_GSM8K_DIR or ../shared/data/gsm8k), question/answer fields, a '####' system prompt, eval on all 1319 test rows, reward.function=math, rollout.max_new_tokens=512.")
     train_path: str | None = Field(None, description="file: training tasks file; hf: dataset folder or hub name.")
     eval_path: str | None = Field(None, description="file / hf: held-out tasks (default: train_path).")
@@ -256,6 +256,22 @@ class Config(_Section):
             data[section] = {**defaults, **given}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_defaults(cls, data: Any) -> Any:
+        """``tasks.name=pairs``: each pair is a group of two experiences from the ``pairs`` workflow, so those
+        are the defaults of ``workflow.name`` and ``rollout.group_size`` (other values are refused below)."""
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        tasks = tasks.model_dump(exclude_unset=True) if isinstance(tasks, BaseModel) else tasks
+        if not isinstance(tasks, dict) or tasks.get("name") != "pairs":
+            return data
+        data = dict(data)
+        for section, key, value in (("workflow", "name", "pairs"), ("rollout", "group_size", 2)):
+            given = data.get(section) or {}
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given)
+            data[section] = {key: value, **given}
+        return data
+
     @model_validator(mode="after")
     def _cross_field(self) -> "Config":
         t = self.tasks
@@ -269,6 +285,17 @@ class Config(_Section):
         if w.name == "single_turn" and episode_keys:
             raise ValueError(f"workflow.{episode_keys[0]} needs workflow.name=multi_turn (single_turn has no "
                              "environment, turns or tools)")
+        if (t.name == "pairs") != (w.name == "pairs"):
+            raise ValueError(f"tasks.name={t.name} with workflow.name={w.name}: preference pairs (tasks.name=pairs) "
+                             "are read by the pairs workflow, and only by it")
+        if t.name == "pairs" and self.rollout.group_size != 2:
+            raise ValueError(f"rollout.group_size={self.rollout.group_size}: with tasks.name=pairs each pair is one "
+                             "group of two (chosen, rejected)")
+        if t.name == "pairs":
+            parts = self.train.mini_batches * self.train.micro_batches
+            if self.rollout.prompts_per_step % parts:
+                raise ValueError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} pairs must split evenly "
+                                 f"into train.mini_batches x train.micro_batches = {parts} parts (a pair is never split)")
         if w.name == "multi_turn" and w.env is None:
             raise ValueError("workflow.name=multi_turn needs workflow.env (e.g. calculator)")
         if w.name == "multi_turn" and self.reward.function != RewardConfig.model_fields["function"].default:

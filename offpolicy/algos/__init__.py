@@ -4,7 +4,7 @@ Families (plain dicts, see :mod:`.registry`): ``ADVANTAGES``, ``POLICY_LOSSES``,
 ``REGULARIZERS``, ``KL_ESTIMATORS``, ``PRESETS``. Shape suffixes: ``_N`` flat samples, ``_B`` sequences, ``_BT`` tokens.
 """
 
-from . import advantages, aggregation, bapo, kl, losses_pg, rec, regularizers, remix, spear  # noqa: F401  (register)
+from . import advantages, aggregation, bapo, kl, losses_pg, preference, rec, regularizers, remix, spear  # noqa: F401
 from .advantages import group_stats, red_drop_keep
 from .bapo import bapo_bounds, bapo_search_path
 from .dpo import PAIR_BUILDERS, DPOOut, all_pairs, best_vs_worst, bradley_terry_loss, dpo_loss, ipo_loss

@@ -174,6 +174,12 @@ _preset("remix", _GRPO_ADV, ("mix_ppg", {"eps": 0.2}), _TOKEN_MEAN, kl_coef=0.00
         replay=ReplaySettings(), kl_convex=KLConvexSettings(), reincarnation_step=50,
         note="ReMix: Mix-PPG (clip centred at pi_k/pi_{k-i}) on replay of the last 2 policies, m=2, KL-Convex "
              "(beta 0.001), reincarnation at step 50.", paper="arXiv 2507.06892")
+_preset("dpo", ("identity", {}), ("dpo", {"beta": 0.1, "loss_type": "sigmoid"}), ("seq_mean_token_sum", {}),
+        note="DPO on preference pairs (tasks.name=pairs): -log sigmoid(beta (delta_chosen - delta_rejected)), "
+             "reference = the initial policy.", paper="Rafailov et al. 2023, arXiv 2305.18290")
+_preset("ipo", ("identity", {}), ("dpo", {"beta": 0.1, "loss_type": "ipo"}), ("seq_mean_token_sum", {}),
+        note="IPO on preference pairs: (mean delta_chosen - mean delta_rejected - 1/(2 beta))^2.",
+        paper="Azar et al. 2023, arXiv 2310.12036")
 _preset("spear", _GRPO_ADV, ("sil", {"ratio_to": "old", "cov_ratio": 2e-4}), ("seq_mean_token_sum_norm", {}),
         self_imitation=SelfImitationSettings(), tool_reward=ToolRewardSettings(),
         note="SPEAR: Clip-Cov PPO on-policy plus a self-imitation replay pass weighted by sil_weight(t).",

@@ -93,6 +93,12 @@ def task_source(cfg: Config, tokenizer=None, *, report: Callable[[str], None] | 
             held_out = arithmetic.generate("eval", t.eval_size, seed=t.seed, levels=levels)
             shots = ([] if isinstance(t.few_shot, str) else
                      arithmetic.generate("train", t.few_shot, seed=t.seed + 1, levels=levels) if t.few_shot else [])
+        elif t.name == "pairs":
+            from offpolicy.data.pairs import load_pairs
+
+            pairs = load_pairs(t.train_path)
+            held = load_pairs(t.eval_path, limit=t.eval_size) if t.eval_path else pairs[: t.eval_size]
+            return _epochs(pairs, t.seed), held
         elif t.name == "calculator":
             from offpolicy.data import calculator
 

@@ -121,8 +121,11 @@ class TrainLoop:
 
     def evaluate(self, step: int) -> dict:
         t0 = time.perf_counter()
-        res = evaluate_workflow(self.ctx.model, self.engine, self.workflow, self.ctx.tokenizer, self.ctx.eval_tasks,
-                                self.scorer, max_new_tokens=self.cfg.rollout.max_new_tokens)
+        if hasattr(self.workflow, "evaluate"):  # a workflow with its own held-out measure (preference pairs)
+            res = self.workflow.evaluate(self.ctx, self.ctx.eval_tasks)
+        else:
+            res = evaluate_workflow(self.ctx.model, self.engine, self.workflow, self.ctx.tokenizer,
+                                    self.ctx.eval_tasks, self.scorer, max_new_tokens=self.cfg.rollout.max_new_tokens)
         seconds = time.perf_counter() - t0
         self.writer.write({"kind": "eval", "step": step, **res, "eval_s": seconds})
         if self.progress:

@@ -8,6 +8,11 @@ generator) -> list[Experience]`` with ``sampling.group_size`` experiences per ta
 
 - ``single_turn``: sample K responses per task, score them.
 - ``multi_turn`` (:mod:`offpolicy.rollout.multi_turn`): episodes with an environment and tools.
+- ``pairs`` (:mod:`offpolicy.rollout.pairs`): offline preference pairs as (chosen, rejected) experiences.
+
+A workflow may also have ``evaluate(ctx, tasks) -> dict`` (with ``accuracy``), which the trainer's
+held-out evaluation then uses instead of greedy generation (the pairs workflow measures preference
+accuracy that way).
 
 A sample whose reward faulted (raised, timed out, returned NaN/inf/None; see
 :mod:`offpolicy.rewards.guard`) is kept but made inert (:func:`make_inert`): its trainable mask is all zero
@@ -97,9 +102,15 @@ def _multi_turn_factory(workflow_cfg) -> Workflow:
     return MultiTurn.from_config(workflow_cfg)
 
 
+def _pairs_factory(workflow_cfg) -> Workflow:
+    from offpolicy.rollout.pairs import PairsWorkflow
+
+    return PairsWorkflow()
+
+
 # name -> factory(workflow config section) -> Workflow
 WORKFLOWS: dict[str, Callable[[Any], Workflow]] = {"single_turn": _single_turn_factory,
-                                                  "multi_turn": _multi_turn_factory}
+                                                  "multi_turn": _multi_turn_factory, "pairs": _pairs_factory}
 
 
 def register_workflow(name: str, factory: Callable[[Any], Workflow]) -> None:

@@ -98,6 +98,11 @@ def build_plan(cfg: Config, algo) -> StepPlan:
         raise ConfigError(f"algorithm.preset={algo.preset}: its tool_reward recipe counts tool calls, which a "
                           "single_turn workflow never makes; use workflow.name=multi_turn with a tool environment, "
                           "or set algorithm.tool_reward.enabled=false")
+    pairwise = bool(getattr(algo.loss_fn.func, "pairwise", False))
+    if pairwise != (cfg.workflow.name == "pairs"):
+        what = "trains on preference pairs" if pairwise else "does not train on preference pairs"
+        raise ConfigError(f"algorithm.preset={algo.preset} {what}; preference pairs come from tasks.name=pairs "
+                          f"(workflow.name=pairs), got tasks.name={cfg.tasks.name}")
     t, r = cfg.train, cfg.rollout
     loss_reads = algo.loss_reads
     reads = algo.reads

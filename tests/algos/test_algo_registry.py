@@ -147,11 +147,11 @@ def test_declared_reads_are_enough_to_run_the_loss():
     # every built-in loss runs when given exactly the fields it declares (and nothing else)
     from offpolicy.algos import reads_of
 
-    logp = torch.zeros(1, 2, requires_grad=True)
-    full = {"old_logp": torch.zeros(1, 2), "behav_logp": torch.zeros(1, 2), "center_logp": torch.zeros(1, 2)}
+    logp = torch.zeros(2, 2, requires_grad=True)  # two rows: a pairwise loss (dpo) needs whole pairs
+    full = {k: torch.zeros(2, 2) for k in ("old_logp", "behav_logp", "center_logp", "ref_logp")}
     for name, fn in POLICY_LOSSES.items():
         reads = reads_of("policy_loss", name)
-        fn(logp, LossInputs(torch.ones(1), torch.ones(1, 2), **{k: v for k, v in full.items() if k in reads}))
+        fn(logp, LossInputs(torch.ones(2), torch.ones(2, 2), **{k: v for k, v in full.items() if k in reads}))
 
 
 def test_user_registration_declares_reads():
