@@ -99,6 +99,11 @@ class TrainLoop:
             import copy
 
             self.prev_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.ref_cache = None  # reference log-probs of responses seen again (pairs over epochs), computed once
+        if ctx.plan.ref_logp != "unused":
+            from offpolicy.pipeline.ref_cache import RefCache
+
+            self.ref_cache = RefCache(ctx.ref_model, pad_id=ctx.tokenizer.pad_token_id, temperature=ctx.plan.temperature)
         self.governor = None  # automatic thread count: adapts to what other processes leave free
         if self.cfg.train.threads is None:
             from offpolicy.threads import ThreadGovernor
@@ -144,6 +149,8 @@ class TrainLoop:
             exps = [replace(e, reward=e.reward + b) for e, b in zip(exps, bonus)]
             metrics.update(tool_reward_mean=sum(bonus) / len(bonus),
                            tool_reward_weight=tool_call_reward_weight(step, tool.horizon))
+        if self.ref_cache is not None:
+            exps = self.ref_cache.fill(exps)
         batch = collate(exps, ctx.tokenizer.pad_token_id)
         start = None  # pi_k, which becomes pi_{k-1} for the next step
         if self.prev_model is not None:
@@ -176,6 +183,8 @@ class TrainLoop:
             record["threads"] = self.governor.tick(step)
         if self.reincarnation.after_step(step, self.strategy):
             record["reincarnated"] = 1
+            if self.ref_cache is not None:
+                self.ref_cache.clear()  # the reference changed
         if after_train is not None:
             timings = {**timings, **after_train()}
         try:

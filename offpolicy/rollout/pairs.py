@@ -2,7 +2,9 @@
 
 Each pair becomes one group of two experiences, ``chosen`` then ``rejected`` (``info["role"]``), whose
 response tokens are the pair's own (nothing is sampled: ``behav_logp`` is 0 and no loss reads it).
-Pairs thus go through the same buffer, versions and checkpoints as RL experiences. The workflow's
+Pairs thus go through the same buffer, versions and checkpoints as RL experiences. Each carries a
+``ref_key``, so the trainer computes its reference log-probs once and reuses them
+(:mod:`offpolicy.pipeline.ref_cache`). The workflow's
 ``evaluate`` measures held-out preference accuracy: the share of pairs whose implicit reward margin
 ``sum_t (logp - ref_logp)`` is larger for the chosen response than for the rejected one.
 """
@@ -27,7 +29,8 @@ def _pair_experiences(tokenizer, pair, *, version: int, batch_index: int) -> lis
             prompt_ids=torch.tensor(ids.prompt_ids, dtype=torch.long), response_ids=torch.tensor(resp, dtype=torch.long),
             response_mask=torch.ones(len(resp)), behav_logp=torch.zeros(len(resp)),
             reward=float(role == "chosen"), group_id=group, task_id=pair.pair_id, version=version,
-            batch_index=batch_index, info={"role": role, "correct": role == "chosen", "pair_id": pair.pair_id}))
+            batch_index=batch_index, info={"role": role, "correct": role == "chosen", "pair_id": pair.pair_id,
+                                           "ref_key": f"{pair.pair_id}/{role}"}))
     return out
 
 

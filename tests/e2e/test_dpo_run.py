@@ -52,3 +52,31 @@ def test_dpo_needs_pairs():
 
     with pytest.raises(ConfigError, match="trains on preference pairs"):
         bind_algorithm(load_config(None, ["algorithm.preset=dpo"]))
+
+
+def test_reference_log_probs_are_computed_once_per_response_and_equal_recomputed(pair_files, tmp_path):
+    import torch
+
+    from offpolicy.data.experience import collate
+    from offpolicy.data.pairs import load_pairs
+    from offpolicy.pipeline.context import build_context
+    from offpolicy.pipeline.ref_cache import RefCache
+    from offpolicy.rollout.pairs import PairsWorkflow
+    from offpolicy.rollout.workflow import Sampling
+    from offpolicy.train.step import response_logp
+
+    train, _ = pair_files
+    ctx = build_context(load_config(None, ["algorithm.preset=dpo", "tasks.name=pairs", f"tasks.train_path={train}",
+                                           f"run.dir={tmp_path}", "run.loggers=[]"]))
+    pairs = load_pairs(train)[:12]
+    cache = RefCache(ctx.ref_model, pad_id=ctx.tokenizer.pad_token_id)
+    first = cache.fill(PairsWorkflow()(None, ctx.tokenizer, pairs[:8], None, sampling=Sampling()))
+    assert cache.computed == 16
+    # a later batch (a new epoch: new experiences, overlapping pairs) computes only what it has not seen
+    later = cache.fill(PairsWorkflow()(None, ctx.tokenizer, pairs[4:12], None, sampling=Sampling()))
+    assert cache.computed == 24
+    batch = collate(later, ctx.tokenizer.pad_token_id)
+    with torch.no_grad():
+        recomputed = response_logp(ctx.ref_model, batch)[0]
+    torch.testing.assert_close(batch.ref_logp_BT * batch.mask_BT, recomputed * batch.mask_BT, atol=1e-5, rtol=0)
+    assert all(e.ref_logp is not None for e in first)
