@@ -191,6 +191,17 @@ class RewardConfig(_Section):
     max_invalid_frac: float = Field(0.5, ge=0, le=1, description="Stop the run (after a checkpoint) when more than this fraction of a batch has faulty rewards.")
     max_timeouts: int | None = Field(5, ge=1, description="Circuit breaker: stop the run (after a checkpoint), naming the reward, after this many consecutive samples time out (None: never).")
     batch_timeout_s: float | None = Field(600.0, gt=0, description="Deadline for scoring one batch (training or evaluation); past it the run stops, naming the reward (None: no deadline). Without reward.timeout_s it is checked between samples.")
+    model: str | None = Field(None, description="A reward-model folder (offpolicy reward-model train): training samples are scored by it (it sees the prompt), batched on model.device, per-sample fault isolation; reward.function then only scores held-out evaluation (the true task reward). Scores are not whitened per batch (group advantages normalise them). docs/preferences.md.")
+    model_weight: float = Field(1.0, description="Multiplies the reward model's score.")
+    model_batch_size: int = Field(32, ge=1, description="Sequences per reward-model forward.")
+
+    @model_validator(mode="after")
+    def _model_keys(self) -> "RewardConfig":
+        if self.model is None:
+            for key in ("model_weight", "model_batch_size"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise ValueError(f"reward.{key} is read only with reward.model (a reward-model folder)")
+        return self
 
 
 class CheckpointConfig(_Section):

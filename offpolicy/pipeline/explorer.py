@@ -58,6 +58,12 @@ class Explorer:
         self.fault_log = None if run_dir is None else Path(run_dir) / "reward_faults.log"
         # the first fault of each kind is printed as it happens; a hanging reward trips the circuit breaker
         self.reward = GuardedReward.from_config(reward_fn, cfg.reward, on_fault=FirstFaults(self.fault_log))
+        if cfg.reward.model is not None:  # RLHF: a learned reward scores the training samples (it sees the prompt)
+            from offpolicy.rewards.reward_model import RewardModelScorer
+
+            # reward.function still decides whether each answer is right (the accuracy metric), not the reward
+            self.reward = RewardModelScorer(cfg.reward.model, device=cfg.model.device, checker=self.reward,
+                                            batch_size=cfg.reward.model_batch_size, weight=cfg.reward.model_weight)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
 
     @classmethod

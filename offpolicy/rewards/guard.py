@@ -37,9 +37,13 @@ class RewardStalledError(RewardFaultError):
 
 
 class Scored(NamedTuple):
+    """A sample's reward, or its fault. ``correct``: whether the answer is right by the task's own rule,
+    when the reward is something else (a reward model); None = the reward decides (value >= 1)."""
+
     value: float | None
     fault: str | None = None
     message: str = ""
+    correct: bool | None = None
 
 
 def check_value(value) -> Scored:
@@ -146,7 +150,10 @@ class GuardedReward:
             self._proc.join(timeout=5)
         self._proc = self._conn = None
 
-    def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[Scored]:
+    def __call__(self, pairs: Sequence[tuple[str, ...]]) -> list[Scored]:
+        """One Scored per ``(response, ground_truth)`` sample; a third element (the prompt, which workflows
+        pass for reward models) is not given to a rule reward."""
+        pairs = [(p[0], p[1]) for p in pairs]
         deadline = None if self.batch_timeout_s is None else time.monotonic() + self.batch_timeout_s
         if self.timeout_s is None:  # in-process: the deadline is checked between samples
             out = []

@@ -81,14 +81,15 @@ class RewardModelScorer:
     ``model`` and ``tokenizer``), ``batch_size`` sequences per forward on ``device``.
 
     ``weight`` multiplies the model's score; ``rules`` (optional) scores ``(response, ground_truth)`` pairs
-    and its values are added. Calling returns one :class:`Scored` per sample; :meth:`scores` returns the raw
+    and its values are added; ``checker`` (optional, a rule reward) only decides each sample's ``correct``
+    (the task's accuracy, for metrics), never its value. Calling returns one :class:`Scored` per sample; :meth:`scores` returns the raw
     model scores (floats, NaN kept) and raises on a fault.
     """
 
     def __init__(self, path: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 32, weight: float = 1.0,
                  rules: Callable[[Sequence[tuple[str, str]]], list[Scored]] | None = None,
-                 model=None, tokenizer=None):
+                 model=None, tokenizer=None, checker: Callable[[Sequence[tuple[str, str]]], list[Scored]] | None = None):
         if (path is None) == (model is None):
             raise ValueError("RewardModelScorer: give a path, or a model and its tokenizer")
         if batch_size < 1:
@@ -96,7 +97,7 @@ class RewardModelScorer:
         if model is None:
             model, tokenizer = load_reward_model(path, device=device, dtype=dtype)
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.weight, self.rules = batch_size, float(weight), rules
+        self.batch_size, self.weight, self.rules, self.checker = batch_size, float(weight), rules, checker
         self.pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -133,14 +134,23 @@ class RewardModelScorer:
                 out[i] = v if isinstance(v, Scored) else check_value(v)
         return out
 
+    def close(self) -> None:
+        """Nothing to stop (the model lives in this process); the rules and checker scorers are closed."""
+        for scorer in (self.rules, self.checker):
+            if scorer is not None and hasattr(scorer, "close"):
+                scorer.close()
+
     def __call__(self, samples: Sequence[tuple[str, str, str]]) -> list[Scored]:
         if any(len(s) != 3 for s in samples):
             raise TypeError("RewardModelScorer scores (response, ground_truth, prompt) triples: a reward model "
                             "must see the prompt")
         model = self._model_scores(samples)
         rules = self.rules([(r, t) for r, t, _ in samples]) if self.rules is not None else [Scored(0.0)] * len(model)
+        checks = (self.checker([(r, t) for r, t, _ in samples]) if self.checker is not None
+                  else [Scored(None)] * len(model))
         out = []
-        for m, r in zip(model, rules):
+        for m, r, c in zip(model, rules, checks):
             bad = m if m.fault is not None else r if r.fault is not None else None
-            out.append(bad if bad is not None else check_value(self.weight * m.value + r.value))
+            s = bad if bad is not None else check_value(self.weight * m.value + r.value)
+            out.append(s._replace(correct=None if c.value is None else c.value >= 1.0))
         return out

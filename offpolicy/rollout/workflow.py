@@ -29,7 +29,8 @@ import torch
 from offpolicy.data.experience import Experience
 from offpolicy.rewards.guard import Scored
 
-Scorer = Callable[[Sequence[tuple[str, str]]], list[Scored]]
+# scores (response, ground_truth, prompt) samples: rule rewards read the first two, a reward model all three
+Scorer = Callable[[Sequence[tuple[str, str, str]]], list[Scored]]
 
 
 class Sampling(NamedTuple):
@@ -75,12 +76,13 @@ def single_turn(engine, tokenizer, tasks: Sequence, scorer: Scorer, *, sampling:
     ro = engine.generate(prompts, n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                          top_p=s.top_p, top_k=s.top_k, greedy=s.greedy, generator=generator)
     texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
-    scores = scorer([(text, tasks[p].answer) for p, text in zip(ro.prompt_index, texts)])
+    scores = scorer([(text, tasks[p].answer, tasks[p].prompt) for p, text in zip(ro.prompt_index, texts)])
     engine_logp = ro.engine_logp or [None] * len(ro.response_ids)
     exps = []
     for i, (p_idx, resp, lp, score) in enumerate(zip(ro.prompt_index, ro.response_ids, ro.behav_logp, scores)):
         task = tasks[p_idx]
-        info = {"correct": score.value is not None and score.value >= 1.0, "finished": ro.finished[i]}
+        correct = score.correct if score.correct is not None else score.value is not None and score.value >= 1.0
+        info = {"correct": correct, "finished": ro.finished[i]}
         exp = Experience(
             prompt_ids=torch.tensor(prompts[p_idx], dtype=torch.long), response_ids=resp,
             response_mask=torch.ones(len(resp)), behav_logp=lp, engine_logp=engine_logp[i],

@@ -29,7 +29,7 @@ def faulty(response, truth):
 
 
 def test_check_value():
-    assert check_value(1) == (1.0, None, "")
+    assert check_value(1) == (1.0, None, "", None)
     assert check_value(True).fault is None and check_value(True).value == 1.0
     assert check_value(math.nan).fault == "non_finite"
     assert check_value(None).fault == "not_a_number"

@@ -133,3 +133,28 @@ def test_conversational_pairs_on_a_qwen2_folder(tmp_path, smoke_model_dir):
     with torch.no_grad():
         trained = sequence_scores(scorer.model, [ids.prompt_ids + ids.chosen_ids], tok.pad_token_id).item()
     assert scorer([(p.chosen, p.answer, rendered)])[0].value == pytest.approx(trained, abs=1e-5)
+
+
+def test_rl_run_scored_by_a_reward_model(tmp_path):
+    """reward.model: training samples are scored by the model (reward_mean is its score), the accuracy of a
+    training row is still the task's (exact match), and evaluation uses the task reward."""
+    import math
+
+    from offpolicy.config import load_config
+    from offpolicy.data.pairs import arithmetic_pairs, write_pairs
+    from offpolicy.pipeline.sync import run_sync
+    from offpolicy.train.metrics import read_metrics
+    from offpolicy.train.reward_model import RewardModelSettings, train_reward_model
+
+    pairs = arithmetic_pairs("train", 256, seed=0)
+    rm = train_reward_model(pairs, pairs[:32], out=tmp_path / "rm",
+                            settings=RewardModelSettings(steps=5, batch_size=16), log=lambda *a: None)
+    cfg = load_config(None, [f"reward.model={rm.out}", "train.steps=2", "eval.every=0", "tasks.eval_size=16",
+                             "rollout.prompts_per_step=4", "rollout.group_size=4", f"run.dir={tmp_path / 'run'}",
+                             "run.loggers=[]", "run.save_final=false", "train.threads=1"])
+    run_sync(cfg, log=lambda *a: None)
+    rows = read_metrics(tmp_path / "run", "train")
+    assert len(rows) == 2 and all(math.isfinite(r["reward_mean"]) for r in rows)
+    # model scores are real numbers, not 0/1: the reward is the model's, the accuracy the task's
+    assert any(r["reward_mean"] not in (0.0, 1.0) and r["reward_mean"] != r["accuracy"] for r in rows)
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
