@@ -296,6 +296,14 @@ class Config(_Section):
         if w.name == "single_turn" and episode_keys:
             raise ValueError(f"workflow.{episode_keys[0]} needs workflow.name=multi_turn (single_turn has no "
                              "environment, turns or tools)")
+        unread = {"calculator": ("levels",),
+                  "pairs": ("levels", "few_shot", "template", "system_prompt", "prompt_key", "answer_key", "split",
+                            "eval_split", "subset", "chat_template", "max_row_bytes")}.get(t.name, ())
+        changed = [k for k in unread if getattr(t, k) != TasksConfig.model_fields[k].default]
+        if t.name == "calculator" and isinstance(t.few_shot, int) and t.few_shot:
+            changed.append("few_shot")  # generated tasks: worked examples only from a file
+        if changed:
+            raise ValueError(f"tasks.{changed[0]} is not read by tasks.name={t.name}")
         if (t.name == "pairs") != (w.name == "pairs"):
             raise ValueError(f"tasks.name={t.name} with workflow.name={w.name}: preference pairs (tasks.name=pairs) "
                              "are read by the pairs workflow, and only by it")

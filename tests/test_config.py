@@ -43,3 +43,17 @@ def test_wrong_type_and_range_name_the_field():
 def test_malformed_override():
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["train.lr"])
+
+
+def test_task_settings_a_source_does_not_read_are_refused():
+    import pytest
+
+    from offpolicy.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="tasks.levels is not read by tasks.name=calculator"):
+        load_config(None, ["tasks.name=calculator", "tasks.levels=[2]"])
+    with pytest.raises(ConfigError, match="tasks.template is not read by tasks.name=pairs"):
+        load_config(None, ["tasks.name=pairs", "tasks.train_path=p.jsonl", "tasks.template={prompt}?"])
+    with pytest.raises(ConfigError, match="tasks.few_shot is not read by tasks.name=calculator"):
+        load_config(None, ["tasks.name=calculator", "tasks.few_shot=2"])
+    load_config(None, ["tasks.name=calculator", "tasks.system_prompt=Use the calculator."])  # read: formatting
