@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 ALPHABET = "0123456789+-="
 
@@ -82,27 +82,39 @@ def slipped_answer(steps: list[Step]) -> int:
     return value
 
 
-def generate(split: str, n: int, *, seed: int = 0, levels: tuple[int, ...] = (1, 2)) -> list[Task]:
-    """``n`` distinct tasks of ``split`` ("train" | "eval"), deterministic in ``seed``."""
+def draw_distinct(split: str, n: int, candidate: Callable[[int], tuple[str, Callable[[int], Task]]], *,
+                  what: str) -> list[Task]:
+    """``n`` tasks of ``split`` with distinct expressions: ``candidate(i)`` draws the i-th candidate (its
+    expression and a builder of its Task from its index); candidates of the other split or seen before are
+    skipped. Shared by the generated task families, so they split and deduplicate the same way."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    rng = random.Random(f"arithmetic-{split}-{seed}")
     out: list[Task] = []
     seen: set[str] = set()
     tries = 0
     while len(out) < n:
         tries += 1
         if tries > 200 * n + 10_000:
-            raise ValueError(f"cannot draw {n} distinct {split} tasks at levels {levels}")
-        level = levels[len(out) % len(levels)]
-        expr, value, steps = _make_expr(rng, level)
+            raise ValueError(f"cannot draw {n} distinct {split} tasks {what}")
+        expr, build = candidate(len(out))
         if expr in seen or _split_of(expr) != split:
             continue
         seen.add(expr)
-        out.append(Task(f"{split}-{seed}-{len(out)}", f"{expr}=", str(value), level,
-                        {"carry": slipped_answer(steps) != value,
-                         "slipped": str(slipped_answer(steps))}))
+        out.append(build(len(out)))
     return out
+
+
+def generate(split: str, n: int, *, seed: int = 0, levels: tuple[int, ...] = (1, 2)) -> list[Task]:
+    """``n`` distinct tasks of ``split`` ("train" | "eval"), deterministic in ``seed``."""
+    rng = random.Random(f"arithmetic-{split}-{seed}")
+
+    def candidate(i: int):
+        level = levels[i % len(levels)]
+        expr, value, steps = _make_expr(rng, level)
+        return expr, lambda k: Task(f"{split}-{seed}-{k}", f"{expr}=", str(value), level,
+                                    {"carry": slipped_answer(steps) != value, "slipped": str(slipped_answer(steps))})
+
+    return draw_distinct(split, n, candidate, what=f"at levels {levels}")
 
 
 def stream(*, seed: int = 0, levels: tuple[int, ...] = (1, 2), chunk: int = 4096) -> Iterator[Task]:
