@@ -42,7 +42,6 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports,
     import os
     import queue
 
-    import torch
 
     from offpolicy.rollout.model import policy_from_config
 

@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import pickle
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
