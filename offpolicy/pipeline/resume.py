@@ -47,8 +47,12 @@ class RollBackBatches:
         pass
 
 
-def roll_back_metrics(run_dir: Path, step: int) -> int:
-    """Move records of steps > ``step`` to metrics.rolled_back.jsonl; returns how many moved."""
+def roll_back_metrics(run_dir: Path, step: int, *, eval_at_step: bool = True) -> int:
+    """Move records of steps > ``step`` to metrics.rolled_back.jsonl; returns how many moved.
+
+    ``eval_at_step=False`` also moves the evaluation logged at ``step`` itself: the final evaluation runs
+    after the last step's checkpoint, so a run killed between the two evaluates again when resumed.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return 0
@@ -57,7 +61,10 @@ def roll_back_metrics(run_dir: Path, step: int) -> int:
         if not line.strip():
             continue
         try:
-            (keep if json.loads(line).get("step", 0) <= step else moved).append(line)
+            record = json.loads(line)
+            at = record.get("step", 0)
+            later = at > step or (at == step and not eval_at_step and record.get("kind") == "eval")
+            (moved if later else keep).append(line)
         except json.JSONDecodeError:  # a line cut by the crash
             moved.append(line)
     if moved:
@@ -101,7 +108,10 @@ def restore_run(ctx, *, strategy, buffer) -> dict:
     strategy.load_state_dict(state["strategy"])
     step = state["step"]
     buffer.sample(0, RollBackBatches(state.get("next_batch", step) - 1), now_version=step)
-    roll_back_metrics(ctx.run_dir, step)
+    # the final evaluation follows the last step's checkpoint; it is in the run only once the finished
+    # run's checkpoint (which carries eval_after) is written
+    final_eval_pending = step >= ctx.cfg.train.steps and not state.get("eval_after")
+    roll_back_metrics(ctx.run_dir, step, eval_at_step=not final_eval_pending)
     state["explorer"]["generator"] = state.pop("generators")["explorer"]
     state["path"] = str(path)
     return state

@@ -72,7 +72,7 @@ def test_roll_back_removes_the_unconsumed_groups_of_later_batches_only(tmp_path,
 def test_explorer_generator_state_is_saved_and_restored_as_bytes(tmp_path):
     model = torch.nn.Linear(2, 2)
     ctx = SimpleNamespace(run_dir=tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                          scheduler=None, cfg=SimpleNamespace(checkpoint=SimpleNamespace(keep=2)))
+                          scheduler=None, cfg=SimpleNamespace(checkpoint=SimpleNamespace(keep=2), train=SimpleNamespace(steps=10)))
     gen = torch.Generator().manual_seed(7)
     torch.rand(5, generator=gen)  # somewhere mid-stream
     saved = bytes(gen.get_state().numpy())
@@ -136,3 +136,21 @@ def test_kill_and_resume_loses_nothing_and_matches_an_uninterrupted_run(tmp_path
             assert e.version >= ckpt_step - offset
     # every step trained one full batch
     assert sum(e.fate == "used" for e in ledger.values()) >= STEPS * ROWS
+
+
+def test_roll_back_moves_an_evaluation_logged_after_the_checkpoint_of_its_step(tmp_path):
+    """The final evaluation runs after the last step's checkpoint: killed between the two, the resumed run
+    evaluates again, so the first one's record must go (and only that record)."""
+    import json
+
+    from offpolicy.pipeline.resume import roll_back_metrics
+
+    rows = [{"kind": "eval", "step": 0}, {"kind": "train", "step": 4}, {"kind": "eval", "step": 4},
+            {"kind": "train", "step": 5}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert roll_back_metrics(tmp_path, 4) == 1
+    assert read_metrics(tmp_path) == rows[:3]
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert roll_back_metrics(tmp_path, 4, eval_at_step=False) == 2
+    assert read_metrics(tmp_path) == rows[:2]
