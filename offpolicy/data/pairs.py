@@ -4,24 +4,34 @@ The standard format (TRL's, and what most preference data sets on the hub use) i
 ``prompt``, ``chosen`` and ``rejected``, each either
 
 - plain text: the prompt, and each response as the text that follows it; or
-- conversational: a list of messages ``[{"role": ..., "content": ...}]``; the responses start with an
-  ``assistant`` message. ``prompt`` may then be omitted: the messages that ``chosen`` and ``rejected``
-  share from the start are the prompt, the rest are the responses (TRL's "implicit prompt").
+- conversational: a list of messages ``[{"role": ..., "content": ...}]`` (roles in :data:`ROLES`); each
+  response starts and ends with an ``assistant`` message. ``prompt`` may then be omitted: the messages that
+  ``chosen`` and ``rejected`` share from the start are the prompt, the rest are the responses (TRL's
+  "implicit prompt").
 
-Optional columns: ``margin`` (a number, the Bradley-Terry margin of the pair) and ``answer`` (the ground
-truth, when the pairs come from a task that has one: greedy accuracy can then be measured). Other
+Optional columns: ``margin`` (a number, the Bradley-Terry margin of the pair), ``answer`` (the ground
+truth, when the pairs come from a task that has one: greedy accuracy can then be measured) and
+``chosen_weights`` / ``rejected_weights`` (token weights of a token-weighted DPO loss, e.g. OPA-DPO's
+revised spans: one number >= 0 per response token, its ids then EOS; checked against the tokens when the
+pair is encoded). Other
 columns are ignored. Rows come from JSON lines, Parquet (or CSV for plain text) files and ``datasets``
 folders, read by :mod:`offpolicy.data.task_files`; each is checked when read, and a bad one is a
 :class:`~offpolicy.data.task_files.DatasetError` that names its place (``file:line``, ``file row i``,
 ``dataset[split] row i``): a missing field, empty text, a wrong type, text and messages mixed in one
-row, or ``chosen`` equal to ``rejected``.
+row, a role outside :data:`ROLES`, a response that does not start and end with an assistant message, or
+``chosen`` equal to ``rejected``.
 
 Token ids (:func:`pair_token_ids`): a conversational pair is rendered with the tokenizer's chat template
 — the prompt with ``add_generation_prompt=True``, each response as the tokens the full conversation adds
 after it, up to and including its last end-of-sequence token (the template's trailing newline is dropped:
 generation stops at EOS) — and the prompt's ids must be a prefix of the full conversation's. A plain pair
 is the prompt's ids (with the tokenizer's special tokens, as a rollout encodes a plain prompt) followed by
-each response's ids and EOS.
+each response's ids and EOS. A conversational pair for a tokenizer without a chat template (the bundled
+model's) is rendered as text the way a task prompt is without one (:class:`~offpolicy.data.task_files.
+PromptFormat`): the prompt messages' contents joined by blank lines, each response's contents joined by
+blank lines — and then encoded as a plain pair, so ``[user: "37+48="] / [assistant: "85"]`` trains on the
+same tokens as ``"37+48=" / "85"``. Roles are not written: a model without a template has no way to mark
+them that it was trained on.
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from offpolicy.data.arithmetic import generate
 from offpolicy.data.task_files import DatasetError, _csv_rows, _hf_rows, _jsonl_rows, _parquet_rows, file_format
 
 Messages = tuple[dict, ...]
+ROLES = ("system", "developer", "user", "assistant", "tool")  # message roles a row may use
+PLAIN_SEPARATOR = "\n\n"  # between messages when a tokenizer has no chat template (as PromptFormat's blocks)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,8 @@ class Pair:
     margin: float | None = None
     answer: str | None = None
     where: str = ""  # file:line of the row, for messages
+    chosen_weights: tuple[float, ...] | None = None  # per response token (its ids and EOS); None = 1
+    rejected_weights: tuple[float, ...] | None = None
 
     @property
     def conversational(self) -> bool:
@@ -72,6 +86,9 @@ def _messages(where: str, key: str, value: list) -> Messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DatasetError(f"{where}: field '{key}' message {i} must be an object with text 'role' and "
                                f"'content', got {json.dumps(m, default=str)[:80]}")
+        if m["role"] not in ROLES:
+            raise DatasetError(f"{where}: field '{key}' message {i} has role {m['role']!r}; expected one of "
+                               f"{', '.join(ROLES)}")
     return tuple(dict(m) for m in value)
 
 
@@ -97,9 +114,10 @@ def _shared_prefix(a: Messages, b: Messages) -> int:
 
 
 def _text(where: str, key: str, msgs: Messages) -> str:
-    if msgs[0]["role"] != "assistant":
-        raise DatasetError(f"{where}: the '{key}' response must start with an assistant message, got role "
-                           f"{msgs[0]['role']!r}")
+    for end, m in (("start", msgs[0]), ("end", msgs[-1])):
+        if m["role"] != "assistant":
+            raise DatasetError(f"{where}: the '{key}' response must {end} with an assistant message, got role "
+                               f"{m['role']!r}")
     text = "\n".join(m["content"] for m in msgs)
     if not text.strip():
         raise DatasetError(f"{where}: field '{key}' is empty")
@@ -133,10 +151,35 @@ def pair_from_row(where: str, pair_id: str, row: dict) -> Pair:
     answer = row.get("answer")
     answer = None if answer is None else str(answer)
     margin = None if margin is None else float(margin)
+    weights = {k: _token_weights(where, row, k) for k in ("chosen_weights", "rejected_weights")}
     if not kinds["chosen"]:
-        return Pair(pair_id, prompt, chosen, rejected, margin=margin, answer=answer, where=where)
+        return Pair(pair_id, prompt, chosen, rejected, margin=margin, answer=answer, where=where, **weights)
     return Pair(pair_id, prompt[-1]["content"], _text(where, "chosen", chosen), _text(where, "rejected", rejected),
-                prompt, chosen, rejected, margin=margin, answer=answer, where=where)
+                prompt, chosen, rejected, margin=margin, answer=answer, where=where, **weights)
+
+
+def _token_weights(where: str, row: dict, key: str) -> tuple[float, ...] | None:
+    """Optional ``chosen_weights`` / ``rejected_weights``: one finite number >= 0 per token of the response
+    (its ids, then EOS; the length is checked against the tokens when the pair is encoded)."""
+    value = row.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DatasetError(f"{where}: field '{key}' must be a non-empty list of numbers (one per response token), "
+                           f"got {json.dumps(value, default=str)[:80]}")
+    for i, w in enumerate(value):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise DatasetError(f"{where}: field '{key}' item {i} must be a finite number >= 0, got {w!r}")
+    return tuple(float(w) for w in value)
+
+
+def check_token_weights(pair: Pair, chosen_ids: Sequence[int], rejected_ids: Sequence[int]) -> None:
+    """DatasetError (naming the row) when a pair's token weights do not have one weight per response token."""
+    for key, weights, ids in (("chosen_weights", pair.chosen_weights, chosen_ids),
+                              ("rejected_weights", pair.rejected_weights, rejected_ids)):
+        if weights is not None and len(weights) != len(ids):
+            raise DatasetError(f"{pair.where}: field '{key}' has {len(weights)} weights but the response has "
+                               f"{len(ids)} tokens (its text's tokens, then EOS)")
 
 
 def _rows(source: str | Path, kind: str, split: str) -> Iterator[tuple[str, str, dict]]:
@@ -177,6 +220,9 @@ def pair_row(pair: Pair, *, conversational: bool = False) -> dict:
         row["margin"] = pair.margin
     if pair.answer is not None:
         row["answer"] = pair.answer
+    for key in ("chosen_weights", "rejected_weights"):
+        if getattr(pair, key) is not None:
+            row[key] = list(getattr(pair, key))
     return row
 
 
@@ -230,19 +276,50 @@ def _chat_response_ids(tokenizer, pair: Pair, prompt_ids: list[int], reply: Mess
     return out
 
 
+def plain_rendering(pair: Pair) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) texts of a conversational pair for a tokenizer without a chat template:
+    each part's message contents joined by :data:`PLAIN_SEPARATOR` (see the module docstring)."""
+    return tuple(PLAIN_SEPARATOR.join(m["content"] for m in msgs)
+                 for msgs in (pair.prompt_messages, pair.chosen_messages, pair.rejected_messages))
+
+
+def _known(tokenizer, pair: Pair, ids: PairIds) -> PairIds:
+    """``ids``, unless the tokenizer mapped text it does not know to its unknown token (a character-level
+    tokenizer such as the bundled model's): that would train on placeholders, so it is an error."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk != tokenizer.pad_token_id or unk == tokenizer.eos_token_id:
+        return ids  # a token of its own (it may be meant), or one that is also EOS (GPT-2): not checked
+    for key, part in zip(PairIds._fields, ids):
+        if unk in part:
+            raise DatasetError(f"{pair.where}: the {key.removesuffix('_ids')} holds text the tokenizer cannot "
+                               f"encode (it becomes the unknown token {tokenizer.unk_token!r}); the model "
+                               f"cannot read it")
+    return ids
+
+
 def pair_token_ids(tokenizer, pair: Pair) -> PairIds:
-    """Token ids of ``pair`` as the module docstring describes; a conversational pair needs a tokenizer
-    with a chat template. Raises :class:`DatasetError` (naming the row) when the prefix property fails."""
-    if not pair.conversational:
-        return PairIds(encode_prompt_text(tokenizer, pair.prompt), response_ids(tokenizer, pair.chosen),
-                       response_ids(tokenizer, pair.rejected))
-    if not getattr(tokenizer, "chat_template", None):
-        raise DatasetError(f"{pair.where}: a conversational pair needs a tokenizer with a chat_template")
+    """Token ids of ``pair`` as the module docstring describes: a conversational pair through the
+    tokenizer's chat template, or as plain text when it has none. Raises :class:`DatasetError` (naming the
+    row) when the template breaks the prefix property, or when the text holds characters the tokenizer can
+    only map to an unknown token that is also its padding token (the bundled tokenizer's)."""
+    if not pair.conversational or not getattr(tokenizer, "chat_template", None):
+        prompt, chosen, rejected = plain_rendering(pair) if pair.conversational else (pair.prompt, pair.chosen,
+                                                                                      pair.rejected)
+        return _known(tokenizer, pair, PairIds(encode_prompt_text(tokenizer, prompt), response_ids(tokenizer, chosen),
+                                               response_ids(tokenizer, rejected)))
     prompt_text = tokenizer.apply_chat_template(list(pair.prompt_messages), tokenize=False,
                                                 add_generation_prompt=True)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    return PairIds(prompt_ids, _chat_response_ids(tokenizer, pair, prompt_ids, pair.chosen_messages, "chosen"),
-                   _chat_response_ids(tokenizer, pair, prompt_ids, pair.rejected_messages, "rejected"))
+    return _known(tokenizer, pair, PairIds(
+        prompt_ids, _chat_response_ids(tokenizer, pair, prompt_ids, pair.chosen_messages, "chosen"),
+        _chat_response_ids(tokenizer, pair, prompt_ids, pair.rejected_messages, "rejected")))
+
+
+def check_pairs(tokenizer, pairs: Sequence[Pair]) -> None:
+    """Encode every pair once, so that a row the tokenizer cannot render (:func:`pair_token_ids`'s errors,
+    each naming its ``file:line``) fails at start-up rather than when its batch comes up."""
+    for pair in pairs:
+        pair_token_ids(tokenizer, pair)
 
 
 # ---------------------------------------------------------------------------- arithmetic pairs

@@ -36,9 +36,10 @@ def open_run_buffer(cfg: Config, run_dir: Path):
     as :func:`make_run_dir` refuses a run directory with a ``buffer.db``."""
     from offpolicy.data.buffer import open_buffer
 
-    kind = cfg.buffer.kind or ("sqlite" if cfg.pipeline.mode == "async" else "memory")
-    if kind == "memory" and cfg.pipeline.mode == "async":
-        raise ConfigError("buffer.kind=memory cannot be shared with the explorer process; use sqlite in async mode")
+    kind = cfg.buffer.kind or ("sqlite" if cfg.pipeline.decoupled else "memory")
+    if kind == "memory" and cfg.pipeline.decoupled:
+        raise ConfigError(f"buffer.kind=memory cannot be shared with the explorer process; use sqlite in "
+                          f"{cfg.pipeline.mode} mode")
     if kind != "sql":
         return open_buffer(None if kind == "memory" else str(run_dir / "buffer.db"), capacity=cfg.buffer.capacity)
     try:
@@ -52,7 +53,7 @@ def open_run_buffer(cfg: Config, run_dir: Path):
     except sqlalchemy.exc.ArgumentError as e:
         raise ConfigError(f"buffer.url: {e}") from None
     shown = f"buffer.url={url.render_as_string(hide_password=True)}"
-    if cfg.pipeline.mode == "async" and url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    if cfg.pipeline.decoupled and url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
         raise ConfigError(f"{shown}: an in-memory SQLite database cannot be shared with the explorer process; "
                           "give a file (sqlite:///path)")
     try:  # a missing driver (e.g. psycopg) or an unreachable server
@@ -94,10 +95,14 @@ def task_source(cfg: Config, tokenizer=None, *, report: Callable[[str], None] | 
             shots = ([] if isinstance(t.few_shot, str) else
                      arithmetic.generate("train", t.few_shot, seed=t.seed + 1, levels=levels) if t.few_shot else [])
         elif t.name == "pairs":
-            from offpolicy.data.pairs import load_pairs
+            from offpolicy.data.pairs import check_pairs, load_pairs
+            from offpolicy.rollout.model import load_tokenizer, resolve_model_path
 
             pairs = load_pairs(t.train_path)
             held = load_pairs(t.eval_path, limit=t.eval_size) if t.eval_path else pairs[: t.eval_size]
+            tokenizer = tokenizer or load_tokenizer(resolve_model_path(cfg.model.path))
+            for part in (pairs, held):  # a row the tokenizer cannot render fails now, naming its file:line
+                check_pairs(tokenizer, part)
             return _epochs(pairs, t.seed), held
         elif t.name == "calculator":
             from offpolicy.data import calculator

@@ -117,7 +117,8 @@ def test_a_template_that_breaks_the_prefix_is_refused(smoke_model_dir):
                          "m['content'] + '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(DatasetError, match="not a prefix"):
         pair_token_ids(tok, Pair("p", "q", "5", "6", (U,), (GOOD,), (BAD,), where="f.jsonl:7"))
-    with pytest.raises(DatasetError, match="f.jsonl:7: a conversational pair needs a tokenizer with a chat_template"):
+    # the bundled tokenizer (no template: plain rendering) knows only digits, + - =: the rest is refused
+    with pytest.raises(DatasetError, match="f.jsonl:7: the prompt holds text the tokenizer cannot encode"):
         pair_token_ids(load_tokenizer(BUNDLED), Pair("p", "q", "5", "6", (U,), (GOOD,), (BAD,), where="f.jsonl:7"))
 
 
@@ -138,3 +139,102 @@ def test_arithmetic_pairs_and_round_trip(tmp_path):
         assert [(b.prompt, b.chosen, b.rejected, b.answer) for b in back] == \
                [(p.prompt, p.chosen, p.rejected, p.answer) for p in pairs]
         assert all(b.conversational == conversational for b in back)
+
+
+# ---------------------------------------------------------------------------- conversational rows (issue 14)
+
+TOOL = {"role": "tool", "content": "5"}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({**CHAT_ROW, "prompt": [{"role": "human", "content": "2+3="}]}, "field 'prompt' message 0 has role 'human'"),
+    ({**CHAT_ROW, "chosen": [{"role": "gpt", "content": "5"}]}, "field 'chosen' message 0 has role 'gpt'"),
+    ({**CHAT_ROW, "rejected": [{"role": 1, "content": "6"}]}, "field 'rejected' message 0 must be an object"),
+    ({**CHAT_ROW, "chosen": [{"role": "assistant", "text": "5"}]}, "field 'chosen' message 0 must be an object"),
+    ({**CHAT_ROW, "chosen": [{"role": "assistant", "content": None}]}, "message 0 must be an object"),
+    ({**CHAT_ROW, "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "5"}]}]},
+     "message 0 must be an object"),
+    ({**CHAT_ROW, "prompt": [U, "hi"]}, "field 'prompt' message 1 must be an object"),
+    ({**CHAT_ROW, "chosen": [GOOD, U]}, "the 'chosen' response must end with an assistant message, got role 'user'"),
+    ({**CHAT_ROW, "rejected": [BAD, TOOL]}, "the 'rejected' response must end with an assistant message"),
+    ({**CHAT_ROW, "rejected": [TOOL, BAD]}, "the 'rejected' response must start with an assistant message"),
+    ({**CHAT_ROW, "chosen": [{"role": "assistant", "content": " "}]}, "field 'chosen' is empty"),
+    ({"chosen": [U, GOOD, U], "rejected": [U, BAD]}, "'chosen' response must end with an assistant message"),
+    ({**CHAT_ROW, "prompt": []}, "field 'prompt' is an empty message list"),
+    ({**CHAT_ROW, "prompt": {"role": "user", "content": "2+3="}}, "field 'prompt' holds a dict"),
+])
+def test_bad_conversational_rows_name_file_and_line(tmp_path, row, message):
+    f = jsonl(tmp_path / "bad.jsonl", [CHAT_ROW, TEXT_ROW, row])
+    with pytest.raises(DatasetError) as e:
+        load_pairs(f)
+    assert str(e.value).startswith(f"{f}:3: ") and message in str(e.value)
+
+
+def test_multi_turn_responses_and_every_role(tmp_path):
+    """A response may hold tool turns between assistant turns; every role of ROLES is accepted."""
+    from offpolicy.data.pairs import ROLES
+
+    dev = {"role": "developer", "content": "Be brief."}
+    (p,) = load_pairs(jsonl(tmp_path / "t.jsonl", [{"prompt": [dev, SYS, U], "chosen": [GOOD, TOOL, GOOD],
+                                                     "rejected": [BAD]}]))
+    assert p.chosen_messages == (GOOD, TOOL, GOOD) and p.chosen == "5\n5\n5" and set(ROLES) >= {"developer", "tool"}
+
+
+def test_bad_rows_in_parquet_and_datasets_sources_name_their_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [CHAT_ROW, {**CHAT_ROW, "chosen": [GOOD, U]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    with pytest.raises(DatasetError, match=r"p\.parquet row 1: the 'chosen' response must end with an assistant"):
+        load_pairs(tmp_path / "p.parquet")
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(DatasetError, match=r"ds\[train\] row 1: the 'chosen' response must end"):
+        load_pairs(tmp_path / "ds")
+
+
+def test_text_parquet_and_conversational_datasets_sources(tmp_path):
+    """Both kinds of rows from both columnar sources (a column has one type, so a Parquet file or a dataset
+    holds one kind of row; JSON lines may mix them), with the ids equal to the same rows from JSON lines."""
+    pa = pytest.importorskip("pyarrow")
+    datasets = pytest.importorskip("datasets")
+    import pyarrow.parquet as pq
+
+    text_rows = [{"prompt": "37+48=", "chosen": "85", "rejected": "75", "answer": "85"}, TEXT_ROW]
+    pq.write_table(pa.Table.from_pylist(text_rows), tmp_path / "t.parquet")
+    chat_rows = [CHAT_ROW, IMPLICIT_ROW]
+    datasets.Dataset.from_list(chat_rows).save_to_disk(str(tmp_path / "chat_ds"))  # a Dataset, not a dict
+    want = load_pairs(jsonl(tmp_path / "all.jsonl", text_rows + chat_rows))
+    got = load_pairs(tmp_path / "t.parquet") + load_pairs(tmp_path / "chat_ds")
+    key = lambda p: (p.prompt, p.chosen, p.rejected, p.prompt_messages, p.chosen_messages, p.answer)  # noqa: E731
+    assert [key(p) for p in got] == [key(p) for p in want]
+    assert got[0].answer == "85" and got[2].conversational and got[3].prompt_messages == (SYS, U)
+
+
+def test_conversational_pairs_without_a_chat_template_train_on_the_plain_text():
+    """The bundled tokenizer has no chat template: a conversational pair is its messages' text, so a
+    one-turn arithmetic conversation has exactly the ids of the same text pair; more messages are joined
+    by blank lines (as an untemplated task prompt's blocks)."""
+    from offpolicy.data.pairs import PLAIN_SEPARATOR, plain_rendering
+
+    tok = load_tokenizer(BUNDLED)
+    assert not getattr(tok, "chat_template", None)
+    text = Pair("p", "37+48=", "85", "75")
+    chat = Pair("p", "37+48=", "85", "75", ({"role": "user", "content": "37+48="},),
+                ({"role": "assistant", "content": "85"},), ({"role": "assistant", "content": "75"},))
+    assert pair_token_ids(tok, chat) == pair_token_ids(tok, text)
+    assert tok.decode(pair_token_ids(tok, chat).prompt_ids) == "<bos>37+48="
+    multi = Pair("m", "q", "5", "6", (SYS, U), (GOOD, TOOL, GOOD), (BAD,))
+    assert PLAIN_SEPARATOR == "\n\n"
+    assert plain_rendering(multi) == ("Answer with a number.\n\nWhat is 2+3?", "5\n\n5\n\n5", "6")
+
+
+def test_chat_template_multi_turn_response_ids(smoke_model_dir):
+    """With a chat template, a response of several turns is everything the conversation adds after the
+    prompt, through its last EOS (ChatML: the tool turn's tokens are in it, as in TRL)."""
+    tok = load_tokenizer(str(smoke_model_dir))
+    ids = pair_token_ids(tok, Pair("p", "q", "5", "6", (U,), (GOOD, TOOL, GOOD), (BAD,)))
+    full = tok.apply_chat_template([U, GOOD, TOOL, GOOD], tokenize=False)  # Qwen's: a tool turn is a user turn
+    assert "<tool_response>" in full and tok.decode(ids.prompt_ids + ids.chosen_ids) == full.rstrip("\n")
+    assert ids.chosen_ids[-1] == tok.eos_token_id and tok.decode(ids.chosen_ids).count("<|im_end|>") == 3
