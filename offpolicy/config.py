@@ -156,15 +156,24 @@ class TrainConfig(_Section):
     old_logp: Literal["auto", "recompute", "behav"] = Field("auto", description="PPO's pi_old for losses that read old_logp: 'recompute' = the trainer's log-probs at the step start (pi_k); 'behav' = the log-probs recorded when sampling (the policy that generated the data, as PPO/GRPO define pi_old; the built-in engine shares the trainer's numerics); 'auto' = behav when the data can be stale (async with a staleness bound > 0), else recompute.")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads of the trainer; None = from the CPUs this process may use (affinity, cgroup quota): all of them in sync mode, those the explorer leaves in async mode.")
+    workers: int = Field(1, ge=1, description="Data-parallel trainer processes (pipeline.mode=ray only): each takes 1/W of every mini-batch's rows, gradients are summed over the group with torch.distributed (gloo on CPU, NCCL on CUDA) and the loss is normalised by the global token / sequence counts, so the update equals one process's (docs/scaling.md). Ranks 1..W-1 are Ray actors; rank 0 is the run's own process.")
 
 
 class PipelineConfig(_Section):
-    mode: Literal["sync", "async"] = Field("sync", description="'sync': generate then train, alternating; 'async': the explorer runs in its own process.")
+    mode: Literal["sync", "async", "ray"] = Field("sync", description="'sync': generate then train, alternating; 'async': the explorer runs in its own process; 'ray': pipeline.explorers explorer actors and a trainer group of train.workers processes on Ray (pip install 'offpolicy[ray]'; a local Ray instance, or the cluster at RAY_ADDRESS), with the staleness semantics of async (docs/scaling.md).")
     sync_interval: int = Field(1, ge=1, description="Publish weights to the explorer every k trainer steps.")
     sync_offset: int = Field(0, ge=0, description="The explorer runs n batches ahead: batch e is generated with weights of version e - n (rounded down to a multiple of sync_interval).")
     max_staleness: int | None = Field(None, ge=0, description="Bound on trainer version - generating version; None = sync_offset + sync_interval - 1 (the least that the schedule needs).")
-    explorer_restarts: int = Field(3, ge=0, description="async: an explorer process that dies is restarted this many times in a run (its unreported batches are rolled back and regenerated); one more death stops the run with a checkpoint.")
-    explorer_threads: int | None = Field(None, ge=1, description="torch threads of the explorer process (async); None = half the CPUs this process may use (at least 1), so explorer + trainer never exceed them.")
+    explorer_restarts: int = Field(3, ge=0, description="async / ray: an explorer process (actor) that dies is restarted this many times in a run (its unreported batches are rolled back and regenerated); one more death stops the run with a checkpoint.")
+    explorer_threads: int | None = Field(None, ge=1, description="torch threads of the explorer process (async; None = half the CPUs this process may use, at least 1, so explorer + trainer never exceed them) or of each explorer actor (ray; None = 1).")
+    explorers: int = Field(1, ge=1, description="ray: explorer actors; each generates a share of every batch (prompts split evenly), with the weights the staleness schedule names for that batch (sync_offset, sync_interval), so N changes who generates, not the schedule.")
+    explorer_cpus: float = Field(0.5, gt=0, description="ray: CPUs Ray reserves for each explorer actor (and each trainer worker); fractional so that several fit on a small machine.")
+    explorer_gpus: float = Field(0.0, ge=0, description="ray: GPUs Ray reserves for each explorer actor (e.g. 1 for an engine on its own GPU).")
+
+    @property
+    def decoupled(self) -> bool:
+        """The explorer runs apart from the trainer (async, ray): data can be stale, the buffer is shared."""
+        return self.mode != "sync"
 
 
 class BufferConfig(_Section):
@@ -334,6 +343,18 @@ class Config(_Section):
                              f"(sync_offset + sync_interval - 1 = {p.sync_offset + p.sync_interval - 1})")
         if p.mode == "sync" and (p.sync_offset or p.sync_interval > 1):
             raise ValueError("pipeline.sync_offset / pipeline.sync_interval need pipeline.mode=async")
+        if p.mode != "ray":
+            ray_keys = [k for k in ("explorers", "explorer_cpus", "explorer_gpus")
+                        if getattr(p, k) != PipelineConfig.model_fields[k].default]
+            if ray_keys:
+                raise ValueError(f"pipeline.{ray_keys[0]} needs pipeline.mode=ray (pipeline.mode={p.mode} runs one "
+                                 "explorer)")
+            if self.train.workers > 1:
+                raise ValueError(f"train.workers={self.train.workers} needs pipeline.mode=ray (data-parallel "
+                                 f"trainer workers are Ray actors; pipeline.mode={p.mode} trains in one process)")
+        if self.train.workers > 1 and self.train.mini_batches * self.train.micro_batches * self.train.workers > rows:
+            raise ValueError(f"train.workers={self.train.workers} x train.mini_batches x train.micro_batches must not "
+                             f"exceed the batch size ({rows} rows): every worker needs rows in every micro-batch")
         return self
 
     @property

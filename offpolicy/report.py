@@ -33,8 +33,8 @@ class RunCurves:
 def run_label(cfg: dict) -> str:
     p = cfg.get("pipeline", {})
     label = cfg["algorithm"]["preset"]
-    if p.get("mode") == "async":
-        label += f" async(offset={p.get('sync_offset', 0)},interval={p.get('sync_interval', 1)})"
+    if p.get("mode") in ("async", "ray"):
+        label += f" {p['mode']}(offset={p.get('sync_offset', 0)},interval={p.get('sync_interval', 1)})"
     if cfg.get("train", {}).get("updates_per_batch", 1) > 1:
         label += f" m={cfg['train']['updates_per_batch']}"
     return label

@@ -56,11 +56,11 @@ def sample_strategy(cfg: Config):
     name = cfg.buffer.strategy
     params = dict(cfg.buffer.strategy_params)
     if name is None:
-        name = "staleness" if cfg.pipeline.mode == "async" else "fifo"
+        name = "staleness" if cfg.pipeline.decoupled else "fifo"
         if name == "staleness":
             params.setdefault("max_staleness", cfg.staleness_bound)
-    if cfg.pipeline.mode == "async" and name not in ("staleness", "fifo"):
-        raise ConfigError(f"buffer.strategy={name}: the async runner trains each batch in the order the explorer "
+    if cfg.pipeline.decoupled and name not in ("staleness", "fifo"):
+        raise ConfigError(f"buffer.strategy={name}: the {cfg.pipeline.mode} runner trains each batch in the order the explorer "
                           "wrote it; replay strategies (mix, priority, expert_mix) run in pipeline.mode=sync")
     params.setdefault("seed", cfg.train.seed)
     try:

@@ -117,7 +117,7 @@ def build_plan(cfg: Config, algo) -> StepPlan:
                                   "step-start policy. Use train.old_logp=auto or recompute")
             old = start
         else:
-            stale = cfg.pipeline.mode == "async" and cfg.staleness_bound > 0
+            stale = cfg.pipeline.decoupled and cfg.staleness_bound > 0
             old = "behav" if t.old_logp == "behav" or (t.old_logp == "auto" and stale) else start
     elif t.old_logp != "auto":
         raise ConfigError(f"train.old_logp={t.old_logp}: the loss {loss_name!r} does not read old_logp "
