@@ -8,9 +8,20 @@ the ``batch_index`` column existed gets it on opening (value -1, unknown, for it
 
 Concurrency: every ``put`` and ``sample`` is one short write transaction that takes the database's write
 lock first (SQLite ``BEGIN IMMEDIATE``; through SQLAlchemy an ``UPDATE`` of a lock row, which is a row lock
-on PostgreSQL), so a writer process and a reader process never interleave inside one. Each process and
-each thread opens its own connection; a busy database is waited on for ``timeout`` seconds.
-Serialisation and deserialisation happen outside the transaction.
+on PostgreSQL), so writer processes (on any number of machines) and the sampler never interleave inside
+one. Each process and each thread opens its own connection; a busy database is waited on for ``timeout``
+seconds (PostgreSQL: ``lock_timeout``). Serialisation and deserialisation happen outside the transaction.
+
+PostgreSQL: write transactions run at READ COMMITTED, so each statement after the lock sees every
+transaction committed before the lock was granted (at REPEATABLE READ or SERIALIZABLE the waiting lock
+``UPDATE`` would fail with a serialisation error instead); reads (``stats``, ``ledger``, ...) take one
+REPEATABLE READ snapshot, so their several statements agree. One lock rather than row locks
+(``FOR UPDATE SKIP LOCKED``): a strategy chooses among all stored groups (staleness, priority, mixes) and
+needs one consistent view of them, and a put's eviction plan needs the same; the critical section is a few
+milliseconds (docs/scaling.md measures it against the number of writers). Creating the tables is
+serialised by an advisory lock, as ``CREATE TABLE IF NOT EXISTS`` races between processes on PostgreSQL.
+A bare ``postgresql://`` URL uses psycopg 3 (``postgresql+psycopg://``, the driver ``offpolicy[sql]``
+installs); name another driver in the URL to use it (``postgresql+psycopg2://``).
 """
 
 from __future__ import annotations
@@ -123,8 +134,11 @@ class _AlchemyDB:
         except ImportError as err:
             raise ImportError("SQLBuffer needs SQLAlchemy (pip install sqlalchemy); "
                               "SQLiteBuffer needs nothing extra") from err
-        self.sa, self.url, self.timeout = sqlalchemy, url, timeout
-        self.backend = sqlalchemy.engine.make_url(url).get_backend_name()
+        self.sa, self.timeout = sqlalchemy, timeout
+        parsed = sqlalchemy.engine.make_url(url)
+        if parsed.drivername == "postgresql":  # SQLAlchemy's default would be psycopg2; offpolicy[sql] has psycopg 3
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        self.url, self.backend = parsed, parsed.get_backend_name()
         self.blob = "BYTEA" if self.backend == "postgresql" else "BLOB"
         self._engine, self._pid = None, None
 
@@ -134,6 +148,9 @@ class _AlchemyDB:
             if self.backend == "sqlite":
                 engine = sa.create_engine(self.url, connect_args={"timeout": self.timeout})
                 sa.event.listen(engine, "connect", _sqlite_wal)
+            elif self.backend == "postgresql":
+                engine = sa.create_engine(self.url, pool_pre_ping=True, isolation_level="READ COMMITTED")
+                sa.event.listen(engine, "connect", functools.partial(_pg_lock_timeout, self.timeout))
             else:
                 engine = sa.create_engine(self.url, pool_pre_ping=True)
             self._engine, self._pid = engine, os.getpid()
@@ -141,22 +158,39 @@ class _AlchemyDB:
 
     @contextlib.contextmanager
     def transaction(self, write: bool = True) -> Iterator[Exec]:
-        with self._get_engine().begin() as conn:
-            ex = functools.partial(_run_alchemy, self.sa, conn)
-            if write:  # first statement: take the write lock before reading anything
-                ex("UPDATE counters SET value = value + 1 WHERE name = 'lock'")
-            yield ex
+        with self._get_engine().connect() as conn:
+            if not write and self.backend == "postgresql":  # one snapshot for all the statements of a read
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                ex = functools.partial(_run_alchemy, self.sa, conn)
+                if write:  # first statement: take the write lock before reading anything
+                    ex("UPDATE counters SET value = value + 1 WHERE name = 'lock'")
+                yield ex
 
     @contextlib.contextmanager
     def setup(self) -> Iterator[Exec]:
         """A transaction for creating the tables (without the lock row, which may not exist yet)."""
         with self._get_engine().begin() as conn:
-            yield functools.partial(_run_alchemy, self.sa, conn)
+            ex = functools.partial(_run_alchemy, self.sa, conn)
+            if self.backend == "postgresql":  # held to the commit: one process creates, the others then see
+                ex("SELECT pg_advisory_xact_lock(:key)", {"key": _SETUP_LOCK})
+            yield ex
 
     def close(self) -> None:
         if self._engine is not None and self._pid == os.getpid():
             self._engine.dispose()
         self._engine = None
+
+
+_SETUP_LOCK = 0x6F6666706F6C6963  # "offpolic": the advisory lock key that serialises table creation
+
+
+def _pg_lock_timeout(timeout: float, dbapi_conn, _record) -> None:
+    """Wait at most ``timeout`` seconds for the write lock (as SQLite's busy timeout), then fail."""
+    cur = dbapi_conn.cursor()
+    cur.execute(f"SET lock_timeout = {max(1, int(timeout * 1000))}")
+    cur.close()
+    dbapi_conn.commit()  # a SET inside a transaction that is rolled back would be undone
 
 
 def _sqlite_wal(dbapi_conn, _record) -> None:
@@ -173,8 +207,14 @@ def _run_alchemy(sa, conn, sql: str, params: Any = None) -> list:
 def _columns(ex: Exec, backend: str, table: str) -> set[str]:
     if backend == "sqlite":
         return {r[0] for r in ex("SELECT name FROM pragma_table_info(:t)", {"t": table})}
-    return {r[0] for r in ex("SELECT column_name FROM information_schema.columns WHERE table_name = :t",
-                             {"t": table})}
+    return {r[0] for r in ex("SELECT column_name FROM information_schema.columns "
+                             "WHERE table_name = :t AND table_schema = current_schema()", {"t": table})}
+
+
+def _has_index(ex: Exec, backend: str, name: str) -> bool:
+    if backend == "sqlite":
+        return bool(ex("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = :n", {"n": name}))
+    return ex("SELECT to_regclass(:n) IS NOT NULL", {"n": name})[0][0]
 
 
 def _each_in(ex: Exec, sql: str, values: Iterable[str]) -> list:
@@ -197,16 +237,22 @@ class _SQLStore:
         check_buffer_args(capacity, eviction)
         self.capacity, self.eviction = capacity, eviction
         self._db = db
-        counters = "INSERT INTO counters (name, value) VALUES {} ON CONFLICT (name) DO NOTHING".format(
-            ", ".join(f"('{c}', 0)" for c in _COUNTERS))
+        # On a database that already has everything this only reads, and takes no table lock: on PostgreSQL a
+        # CREATE INDEX (even IF NOT EXISTS) or an INSERT ... ON CONFLICT beside writers that hold the lock row
+        # can deadlock with them. Concurrent set-ups are serialised (SQLite: the write lock; PostgreSQL: an
+        # advisory lock), so each statement below runs in at most one process.
         with db.setup() as ex:
             for sql in _TABLES:
                 ex(sql.format(blob=db.blob))
             if "batch_index" not in _columns(ex, db.backend, "experiences"):
                 for sql in _ADD_BATCH_INDEX:
                     ex(sql)
-            ex(_INDEX)
-            ex(counters)
+            if not _has_index(ex, db.backend, "experiences_meta"):
+                ex(_INDEX)
+            have = {r[0] for r in ex("SELECT name FROM counters")}
+            missing = [c for c in _COUNTERS if c not in have]
+            if missing:
+                ex("INSERT INTO counters (name, value) VALUES (:name, 0)", [{"name": c} for c in missing])
 
     # ------------------------------------------------------------------------------------- writing
 
@@ -217,7 +263,9 @@ class _SQLStore:
         rows = [_encode(e) for e in exps]  # serialise before taking the lock
         with self._db.transaction() as ex:
             self._check_new(ex, list(new), [e.eid for e in exps])
-            evict = plan_eviction(self._groups(ex), len(exps), self.capacity, self.eviction)
+            # no capacity, nothing to evict: skip the scan of every stored group (it is the costly part of a put)
+            groups = self._groups(ex) if self.capacity is not None else []
+            evict = plan_eviction(groups, len(exps), self.capacity, self.eviction)
             self._bump(ex, "evicted", self._retire(ex, evict, "'evicted'"))
             base = self._bump(ex, "put", len(rows)) - len(rows)
             ex("INSERT INTO experiences (seq, eid, group_id, version, batch_index, use_count, expert, meta, tensors) "
