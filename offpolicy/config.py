@@ -117,12 +117,14 @@ class ToolRewardConfig(_Section):
 class WorkflowConfig(_Section):
     """How a task becomes experiences (offpolicy.rollout.workflow)."""
 
-    name: str = Field("single_turn", description="'single_turn' (one prompt, one completion), 'multi_turn' (episodes with an environment and tools), or 'package.module:attr' for your own workflow.")
+    name: str = Field("single_turn", description="'single_turn' (one prompt, one completion), 'multi_turn' (episodes with an environment and tools), 'online_pairs' (preference pairs from each task's scored samples: online DPO; the default of algorithm.preset=online_dpo), or 'package.module:attr' for your own workflow. ('pairs' reads preference files: tasks.name=pairs sets it.)")
     env: str | None = Field(None, description="multi_turn: the environment, a built-in name ('calculator', 'python') or 'package.module:attr'.")
     env_args: dict[str, Any] = Field({}, description="multi_turn: keyword settings of the environment (checked against its signature at start-up), e.g. {format: hermes}.")
     max_turns: int = Field(4, ge=1, description="multi_turn: model turns per episode at most (the last one is cut off as it is).")
     max_total_tokens: int = Field(64, ge=1, description="multi_turn: response tokens per episode at most, model and environment tokens together.")
     tool_timeout_s: float = Field(5.0, gt=0, description="multi_turn: time limit of one tool call; a call past it becomes a 'timeout' error observation.")
+    pairing: Literal["best_worst", "all"] = Field("best_worst", description="online_pairs: which pairs each task's scored group gives: 'best_worst' (the highest- against the lowest-rewarded sample, one pair) or 'all' (every higher- against every lower-rewarded sample, up to floor(K/2)*ceil(K/2) pairs); a group with equal rewards gives inert pairs (docs/preferences.md).")
+    keep_samples: bool = Field(False, description="online_pairs: also keep each task's sampled group as RL experiences, for a policy-gradient preset with algorithm.preference_coef > 0 (one run trains both).")
 
 
 class AlgorithmConfig(_Section):
@@ -138,6 +140,8 @@ class AlgorithmConfig(_Section):
     reincarnation_step: int | None = Field(None, ge=0, description="ReMix policy reincarnation at step T: the KL base becomes pi_T and replay stops; None = the preset's (remix: 50), 0 = never.")
     self_imitation: SelfImitationConfig = Field(SelfImitationConfig(), description="SPEAR self-imitation replay (presets that have one: spear).")
     tool_reward: ToolRewardConfig = Field(ToolRewardConfig(), description="SPEAR tool-call reward schedule (presets that have one: spear).")
+    preference_coef: float = Field(0.0, ge=0, description="Weight of a DPO term on the preference pairs of a mixed batch (workflow.name=online_pairs with workflow.keep_samples=true): loss = policy loss on the samples + coef x DPO on the pairs; 0 = off.")
+    preference_params: dict[str, Any] = Field({}, description="Parameters of that DPO term (beta, loss_type sigmoid|ipo, label_smoothing; default beta 0.1, sigmoid).")
 
 
 class TrainConfig(_Section):
@@ -281,6 +285,12 @@ class Config(_Section):
     def _pairs_defaults(cls, data: Any) -> Any:
         """``tasks.name=pairs``: each pair is a group of two experiences from the ``pairs`` workflow, so those
         are the defaults of ``workflow.name`` and ``rollout.group_size`` (other values are refused below)."""
+        algorithm = data.get("algorithm") if isinstance(data, dict) else None
+        algorithm = algorithm.model_dump(exclude_unset=True) if isinstance(algorithm, BaseModel) else algorithm
+        if isinstance(algorithm, dict) and algorithm.get("preset") == "online_dpo":  # its pairs are sampled
+            given = data.get("workflow") or {}
+            given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else dict(given)
+            data = {**data, "workflow": {"name": "online_pairs", **given}}
         tasks = data.get("tasks") if isinstance(data, dict) else None
         tasks = tasks.model_dump(exclude_unset=True) if isinstance(tasks, BaseModel) else tasks
         if not isinstance(tasks, dict) or tasks.get("name") != "pairs":
@@ -302,9 +312,18 @@ class Config(_Section):
         w = self.workflow
         episode_keys = [k for k in ("env", "env_args", "max_turns", "max_total_tokens", "tool_timeout_s")
                         if getattr(w, k) != WorkflowConfig.model_fields[k].default]
-        if w.name == "single_turn" and episode_keys:
-            raise ValueError(f"workflow.{episode_keys[0]} needs workflow.name=multi_turn (single_turn has no "
+        if w.name in ("single_turn", "online_pairs") and episode_keys:
+            raise ValueError(f"workflow.{episode_keys[0]} needs workflow.name=multi_turn ({w.name} has no "
                              "environment, turns or tools)")
+        pair_keys = [k for k in ("pairing", "keep_samples") if getattr(w, k) != WorkflowConfig.model_fields[k].default]
+        if w.name != "online_pairs" and pair_keys:
+            raise ValueError(f"workflow.{pair_keys[0]} is read by workflow.name=online_pairs only (got {w.name})")
+        a = self.algorithm
+        if a.preference_params and not a.preference_coef:
+            raise ValueError("algorithm.preference_params is set but algorithm.preference_coef=0 turns the DPO term off")
+        if a.preference_coef and not (w.name == "online_pairs" and w.keep_samples):
+            raise ValueError(f"algorithm.preference_coef={a.preference_coef}: the DPO term trains on the pairs of a "
+                             "mixed batch, which workflow.name=online_pairs with workflow.keep_samples=true makes")
         unread = {"calculator": ("levels",),
                   "pairs": ("levels", "few_shot", "template", "system_prompt", "prompt_key", "answer_key", "split",
                             "eval_split", "subset", "chat_template", "max_row_bytes")}.get(t.name, ())
@@ -324,6 +343,11 @@ class Config(_Section):
             if self.rollout.prompts_per_step % parts:
                 raise ValueError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} pairs must split evenly "
                                  f"into train.mini_batches x train.micro_batches = {parts} parts (a pair is never split)")
+        if w.name == "online_pairs":
+            parts = self.train.mini_batches * self.train.micro_batches
+            if self.rollout.prompts_per_step % parts:
+                raise ValueError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} tasks must split evenly "
+                                 f"into train.mini_batches x train.micro_batches = {parts} parts (a pair is never split)")
         if w.name == "multi_turn" and w.env is None:
             raise ValueError("workflow.name=multi_turn needs workflow.env (e.g. calculator)")
         if w.name == "multi_turn" and self.reward.function != RewardConfig.model_fields["function"].default:
@@ -333,7 +357,7 @@ class Config(_Section):
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: group-relative advantages need at "
                              "least 2 responses per task (a group of one has no baseline)")
         rows = self.rollout.prompts_per_step * self.rollout.group_size
-        if self.train.micro_batches * self.train.mini_batches > rows:
+        if w.name != "online_pairs" and self.train.micro_batches * self.train.mini_batches > rows:
             raise ValueError("train.mini_batches * train.micro_batches must not exceed the batch size "
                              "(rollout.prompts_per_step * rollout.group_size)")
         p = self.pipeline

@@ -10,6 +10,10 @@ response's tokens:
 The per-pair loss is written on both of its rows, spread evenly over each row's tokens, so the
 ``seq_mean_token_sum`` aggregation (sum over tokens / number of rows) gives the mean over pairs; the
 gradient flows through both rows' log-probs. At initialisation (policy = reference) every DPO term is log 2.
+
+Token weights (OPA-DPO, arXiv 2501.09695: heavier revised spans): when ``LossInputs.weights`` is given,
+``delta_t = w_t * (logp_t - ref_logp_t)`` in both sums (and in IPO's means, still divided by the token
+count), as :func:`offpolicy.algos.dpo.dpo_loss` with ``reduction="sequence_sum"``.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ def dpo(logp_BT: Tensor, inputs: LossInputs, *, beta: float = 0.1, loss_type: Li
         label_smoothing: float = 0.0) -> LossOut:
     """DPO / IPO per-token loss over rows ``(chosen, rejected)`` pairs (see the module docstring).
 
-    Stats: ``preference_accuracy`` (share of pairs whose implicit reward margin is > 0), ``reward_margin``,
+    Stats, over the live pairs (an inert pair's rows have no trainable token; see
+    :mod:`offpolicy.rollout.online_pairs`): ``preference_accuracy`` (share of pairs whose implicit reward
+    margin is > 0), ``reward_margin``,
     ``reward_chosen`` / ``reward_rejected`` (beta x sequence log-ratio; IPO: beta x mean log-ratio),
-    ``logp_chosen`` / ``logp_rejected`` (mean sequence log-prob under the policy).
+    ``logp_chosen`` / ``logp_rejected`` (mean sequence log-prob under the policy); ``pairs_live``: the
+    share of pairs that are live.
     """
     if logp_BT.shape[0] % 2:
         raise ValueError(f"dpo: a batch of pairs has an even number of rows, got {logp_BT.shape[0]}")
     m_BT = inputs.mask.bool()
-    delta_BT = weighted_delta(logp_BT, require(inputs, "ref_logp", "dpo"), inputs.mask, None)
+    delta_BT = weighted_delta(logp_BT, require(inputs, "ref_logp", "dpo"), inputs.mask, inputs.weights)
     n_B = m_BT.sum(-1).clamp(min=1).to(logp_BT.dtype)
     seq_B = delta_BT.sum(-1) if loss_type == "sigmoid" else delta_BT.sum(-1) / n_B
     margin_P = seq_B[0::2] - seq_B[1::2]
@@ -47,10 +54,16 @@ def dpo(logp_BT: Tensor, inputs: LossInputs, *, beta: float = 0.1, loss_type: Li
     loss_BT = loss_P.repeat_interleave(2)[:, None] * m_BT / n_B[:, None]
     logp_B = torch.where(m_BT, logp_BT, torch.zeros_like(logp_BT)).sum(-1).detach()
     rewards_B = beta * seq_B.detach()
-    stats = {"preference_accuracy": (margin_P.detach() > 0).float().mean(),
-             "reward_margin": (rewards_B[0::2] - rewards_B[1::2]).mean(),
-             "reward_chosen": rewards_B[0::2].mean(), "reward_rejected": rewards_B[1::2].mean(),
-             "logp_chosen": logp_B[0::2].mean(), "logp_rejected": logp_B[1::2].mean()}
+    live_P = m_BT[0::2].any(-1) | m_BT[1::2].any(-1)  # an inert pair (no trainable token) is not counted
+
+    def mean(x_P: Tensor) -> Tensor:
+        return x_P[live_P].mean() if bool(live_P.any()) else torch.zeros((), dtype=x_P.dtype)
+
+    stats = {"preference_accuracy": mean((margin_P.detach() > 0).float()),
+             "reward_margin": mean(rewards_B[0::2] - rewards_B[1::2]),
+             "reward_chosen": mean(rewards_B[0::2]), "reward_rejected": mean(rewards_B[1::2]),
+             "logp_chosen": mean(logp_B[0::2]), "logp_rejected": mean(logp_B[1::2]),
+             "pairs_live": live_P.float().mean()}
     return finish(loss_BT, m_BT, stats)
 
 

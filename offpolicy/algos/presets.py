@@ -180,6 +180,10 @@ _preset("dpo", ("identity", {}), ("dpo", {"beta": 0.1, "loss_type": "sigmoid"}),
 _preset("ipo", ("identity", {}), ("dpo", {"beta": 0.1, "loss_type": "ipo"}), ("seq_mean_token_sum", {}),
         note="IPO on preference pairs: (mean delta_chosen - mean delta_rejected - 1/(2 beta))^2.",
         paper="Azar et al. 2023, arXiv 2310.12036")
+_preset("online_dpo", ("identity", {}), ("dpo", {"beta": 0.1, "loss_type": "sigmoid"}), ("seq_mean_token_sum", {}),
+        note="Online DPO: DPO on pairs built from each task's scored on-policy samples (workflow.name=online_pairs, "
+             "best vs worst by default), reference = the initial policy.",
+        paper="Guo et al. 2024, arXiv 2402.04792")
 _preset("spear", _GRPO_ADV, ("sil", {"ratio_to": "old", "cov_ratio": 2e-4}), ("seq_mean_token_sum_norm", {}),
         self_imitation=SelfImitationSettings(), tool_reward=ToolRewardSettings(),
         note="SPEAR: Clip-Cov PPO on-policy plus a self-imitation replay pass weighted by sil_weight(t).",

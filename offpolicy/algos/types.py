@@ -21,7 +21,8 @@ class LossInputs(NamedTuple):
     ``ref_logp``: frozen reference; ``center_logp``: the policy that centres the ReMix clip window
     (pi_k); ``prev_logp``: the previous step's policy pi_{k-1} (KL-Convex); ``entropy``: the current
     policy's per-token entropy (carries the gradient). Each optional tensor is (B, T) or None.
-    ``step``: the trainer step (1-based), for scheduled terms.
+    ``step``: the trainer step (1-based), for scheduled terms. ``weights``: optional (B, T) per-token
+    weights of a token-weighted loss (OPA-DPO's revised spans, read by ``dpo``); None = 1.
     """
 
     adv: Tensor
@@ -33,6 +34,7 @@ class LossInputs(NamedTuple):
     prev_logp: Tensor | None = None
     entropy: Tensor | None = None
     step: int = 0
+    weights: Tensor | None = None
 
 
 class LossOut(NamedTuple):

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-_TENSOR_FIELDS = ("prompt_ids", "response_ids", "response_mask", "behav_logp", "engine_logp", "old_logp", "ref_logp")
+_TENSOR_FIELDS = ("prompt_ids", "response_ids", "response_mask", "behav_logp", "engine_logp", "old_logp", "ref_logp",
+                  "token_weights")
 
 
 @dataclass
@@ -33,7 +34,9 @@ class Experience:
     kept tokens. ``engine_logp`` is the engine's untruncated tempered log-prob of the same tokens
     (what the trainer recomputes; for the engine-vs-trainer mismatch), None when sampling did not
     truncate (then it equals ``behav_logp``). Optional ``old_logp`` / ``ref_logp`` are filled by
-    the trainer when needed. ``batch_index`` is the explorer batch the experience was generated in
+    the trainer when needed. Optional ``token_weights`` (T_i,) weigh each response token's log-ratio in a
+    token-weighted preference loss (OPA-DPO's revised spans); None = 1. ``batch_index`` is the explorer
+    batch the experience was generated in
     (-1: unknown, e.g. data put by hand); ``group_id`` is only a key, never parsed.
     """
 
@@ -51,6 +54,7 @@ class Experience:
     engine_logp: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None
     expert: bool = False
     replayed: bool = False
     info: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +97,7 @@ class Batch:
     The logits that predict response token t sit at position ``P - 1 + t``. ``engine_logp_BT`` is
     the engine's untruncated log-prob (see :class:`Experience`): None when no row carries one,
     else ``behav_logp`` stands in for rows without it (they were sampled without truncation).
+    ``weights_BT``: the experiences' ``token_weights`` (1 for rows without them); None when no row has any.
     """
 
     input_ids_BL: torch.Tensor
@@ -107,6 +112,8 @@ class Batch:
     ref_logp_BT: torch.Tensor | None = None
     prev_logp_BT: torch.Tensor | None = None  # ReMix KL-Convex: the previous policy pi_{k-1}
     engine_logp_BT: torch.Tensor | None = None
+    weights_BT: torch.Tensor | None = None
+    pair_B: torch.Tensor | None = None  # bool: a (chosen, rejected) row of a preference pair; None when no row is
 
     @property
     def response_ids_BT(self) -> torch.Tensor:
@@ -122,6 +129,7 @@ class Batch:
             self.input_ids_BL[idx], self.attn_BL[idx], self.mask_BT[idx], self.behav_logp_BT[idx],
             self.rewards_B[idx], self.group_ids_B[idx], self.versions_B[idx], self.prompt_len,
             pick(self.old_logp_BT), pick(self.ref_logp_BT), pick(self.prev_logp_BT), pick(self.engine_logp_BT),
+            pick(self.weights_BT), pick(self.pair_B),
         )
 
 
@@ -162,6 +170,12 @@ def collate(exps: list[Experience], pad_id: int) -> Batch:
     engine = None
     if any(e.engine_logp is not None for e in exps):
         engine = responses([e.behav_logp if e.engine_logp is None else e.engine_logp for e in exps])
+    weights = None
+    if any(e.token_weights is not None for e in exps):
+        weights = responses([torch.ones(len(e.response_ids)) if e.token_weights is None else e.token_weights
+                             for e in exps])
+    roles = [e.info.get("role") in ("chosen", "rejected") for e in exps]
+    pair = torch.tensor(roles) if any(roles) else None
     gid_index: dict[str, int] = {}
     for e in exps:
         gid_index.setdefault(e.group_id, len(gid_index))
@@ -177,4 +191,6 @@ def collate(exps: list[Experience], pad_id: int) -> Batch:
         old_logp_BT=old,
         ref_logp_BT=ref,
         engine_logp_BT=engine,
+        weights_BT=weights,
+        pair_B=pair,
     )

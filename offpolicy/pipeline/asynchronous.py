@@ -251,7 +251,7 @@ def _train(ctx, explorer: _ExplorerProcess, buffer, strategy, loop: TrainLoop, s
            state: dict | None) -> RunResult:
     """The trainer side of an async run: take each batch as the explorer writes it, train, publish."""
     cfg, p = ctx.cfg, ctx.cfg.pipeline
-    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    rows = loop.rows
     last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
     first = start["min_version"]
     # the explorer's cursor after each batch (from its reports; after a resume, from the checkpoint);

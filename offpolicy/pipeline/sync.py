@@ -35,8 +35,8 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
         state = restore_run(ctx, strategy=strategy, buffer=buffer)
         explorer.load_state_dict(state["explorer"])
         log(f"resuming from step {state['step']} ({state['path']})")
-    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     loop = TrainLoop(ctx, strategy, progress=progress, resumed=state)
+    rows = loop.rows
 
     def save(step: int, explorer_state: dict | None = None, eval_after: dict | None = None) -> None:
         checkpoint_run(ctx, step, explorer_state=explorer_state or explorer.state_dict(), strategy=strategy,

@@ -21,7 +21,7 @@ from offpolicy.pipeline.resume import RunStopped
 from offpolicy.rewards.guard import FirstFaults, GuardedReward, RewardFaultError
 from offpolicy.rollout.model import save_policy
 from offpolicy.rollout.engine import make_engine
-from offpolicy.rollout.workflow import build_workflow
+from offpolicy.rollout.workflow import build_workflow, rows_per_step
 from offpolicy.train.evaluate import evaluate_workflow
 from offpolicy.train.metrics import MetricsWriter, episode_metrics
 from offpolicy.train.step import train_step
@@ -68,15 +68,18 @@ class TrainLoop:
     """Owns the metrics writer and the progress bar; :meth:`step` is the step body every runner shares.
 
     ``strategy``: the run's sample strategy (ReMix reincarnation resets it); ``resumed``: the checkpoint
-    state of a resumed run (its evaluation before training is reused).
+    state of a resumed run (its evaluation before training is reused); ``step_fn``: what trains one batch,
+    called as :func:`~offpolicy.train.step.train_step` is (a data-parallel trainer group passes its own).
     """
 
-    def __init__(self, ctx: RunContext, strategy=None, *, progress=None, resumed: dict | None = None):
+    def __init__(self, ctx: RunContext, strategy=None, *, progress=None, resumed: dict | None = None,
+                 step_fn=train_step):
         from offpolicy.pipeline.replay import Reincarnation
 
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.strategy = strategy
+        self.step_fn = step_fn
         self.writer = MetricsWriter(ctx.run_dir, loggers=self.cfg.run.loggers, config=self.cfg.model_dump(mode="json"),
                                     project=self.cfg.run.project)
         self.progress = progress
@@ -90,6 +93,7 @@ class TrainLoop:
         # held-out evaluation goes through the run's own engine and workflow, greedily
         self.engine = make_engine(self.cfg.rollout.engine, ctx.model, ctx.tokenizer)
         self.workflow = build_workflow(self.cfg.workflow)
+        self.rows = rows_per_step(self.workflow, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size)
         self.reincarnation = Reincarnation(ctx, ctx.algo.settings.get("reincarnation_step"))
         if resumed:
             self.reincarnation.restore(resumed["step"])
@@ -113,9 +117,8 @@ class TrainLoop:
         if "self_imitation" in ctx.algo.settings:
             from offpolicy.pipeline.self_imitation import SelfImitation
 
-            rows = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
             self.sil = SelfImitation(ctx.algo.settings["self_imitation"], agg_fn=ctx.algo.agg_fn, plan=ctx.plan,
-                                     batch_size=rows, seed=self.cfg.train.seed)
+                                     batch_size=self.rows, seed=self.cfg.train.seed)
             if resumed and resumed.get("self_imitation"):
                 self.sil.load_state_dict(resumed["self_imitation"])
         if resumed:
@@ -155,7 +158,7 @@ class TrainLoop:
         start = None  # pi_k, which becomes pi_{k-1} for the next step
         if self.prev_model is not None:
             start = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
-        stats = train_step(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan, ref_model=ctx.ref_model,
+        stats = self.step_fn(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan, ref_model=ctx.ref_model,
                            prev_model=self.prev_model, step=step)
         if self.sil is not None:
             stats.update(self.sil.after_step(ctx, exps, ctx.algo.adv_fn(batch.rewards_B, batch.group_ids_B), step))

@@ -9,6 +9,10 @@ generator) -> list[Experience]`` with ``sampling.group_size`` experiences per ta
 - ``single_turn``: sample K responses per task, score them.
 - ``multi_turn`` (:mod:`offpolicy.rollout.multi_turn`): episodes with an environment and tools.
 - ``pairs`` (:mod:`offpolicy.rollout.pairs`): offline preference pairs as (chosen, rejected) experiences.
+- ``online_pairs`` (:mod:`offpolicy.rollout.online_pairs`): pairs built from each task's scored samples.
+
+A workflow that yields other than ``group_size`` rows per task says how many with
+``rows_per_task(group_size) -> int`` (see :func:`rows_per_step`).
 
 A workflow may also have ``evaluate(ctx, tasks) -> dict`` (with ``accuracy``), which the trainer's
 held-out evaluation then uses instead of greedy generation (the pairs workflow measures preference
@@ -110,9 +114,23 @@ def _pairs_factory(workflow_cfg) -> Workflow:
     return PairsWorkflow()
 
 
+def _online_pairs_factory(workflow_cfg) -> Workflow:
+    from offpolicy.rollout.online_pairs import OnlinePairs
+
+    return OnlinePairs.from_config(workflow_cfg)
+
+
 # name -> factory(workflow config section) -> Workflow
 WORKFLOWS: dict[str, Callable[[Any], Workflow]] = {"single_turn": _single_turn_factory,
-                                                  "multi_turn": _multi_turn_factory, "pairs": _pairs_factory}
+                                                  "multi_turn": _multi_turn_factory, "pairs": _pairs_factory,
+                                                  "online_pairs": _online_pairs_factory}
+
+
+def rows_per_step(workflow: Workflow, prompts_per_step: int, group_size: int) -> int:
+    """Rows one explorer batch yields, which the trainer then takes per step: ``group_size`` per task,
+    unless the workflow says otherwise with ``rows_per_task(group_size)`` (online pairs)."""
+    per_task = getattr(workflow, "rows_per_task", None)
+    return prompts_per_step * (per_task(group_size) if per_task is not None else group_size)
 
 
 def register_workflow(name: str, factory: Callable[[Any], Workflow]) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from offpolicy.algos import AGGREGATIONS, PRESETS, bind, reads_of
 from offpolicy.algos.presets import SETTINGS, Preset
-from offpolicy.algos.registry import lookup
+from offpolicy.algos.registry import check_params, lookup
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Algorithm:
     regularizers: tuple[Callable, ...] = ()
     preset: str = "custom"
     settings: dict[str, Any] = field(default_factory=dict)
+    # a preference loss (bound ``dpo``) on the pair rows of a mixed batch, and its weight (0: none)
+    pair_fn: Callable | None = None
+    pair_coef: float = 0.0
 
     @property
     def loss_reads(self) -> frozenset[str]:
@@ -41,6 +44,8 @@ class Algorithm:
         out = set(self.loss_reads)
         for reg in self.regularizers:
             out |= _reads("regularizer", reg)
+        if self.pair_fn is not None:
+            out |= _reads("policy_loss", self.pair_fn)
         return frozenset(out)
 
     @classmethod
@@ -77,7 +82,16 @@ class Algorithm:
             del settings["kl_convex"]
         if algo_cfg.entropy_coef:
             regs.append(bind("regularizer", "entropy_bonus", {"coef": algo_cfg.entropy_coef}))
-        return cls(adv_fn, loss_fn, agg_fn, tuple(regs), algo_cfg.preset, settings)
+        pair_fn = None
+        if algo_cfg.preference_coef:
+            if getattr(loss_fn.func, "pairwise", False):
+                raise ValueError(f"algorithm.preference_coef: preset {algo_cfg.preset!r} already trains on pairs "
+                                 "only; the DPO term is for a policy-gradient preset on a mixed batch")
+            params = dict(algo_cfg.preference_params)
+            check_params(lookup("policy_loss", "dpo"), params, "algorithm.preference_params")
+            pair_fn = bind("policy_loss", "dpo", params)
+        return cls(adv_fn, loss_fn, agg_fn, tuple(regs), algo_cfg.preset, settings, pair_fn,
+                   float(algo_cfg.preference_coef))
 
 
 def _reads(family: str, bound: Callable) -> frozenset[str]:

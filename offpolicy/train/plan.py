@@ -56,6 +56,7 @@ class StepPlan:
     micro_batches: int
     mini_batches: int
     updates_per_batch: int
+    preference: str = "off"  # the DPO term on the pair rows of a mixed batch: off | "<coef> x dpo(...)"
 
     @property
     def optimizer_steps(self) -> int:
@@ -75,6 +76,8 @@ class StepPlan:
                  f"  ref_logp: {'the frozen reference policy, one no-grad forward per batch' if self.ref_logp != 'unused' else 'unused'}",
                  f"  prev_logp: {'the previous step policy pi_(k-1), one no-grad forward per batch' if self.prev_logp != 'unused' else 'unused'}",
                  f"  KL: {self.kl}",
+                 *([f"  pairs: {self.preference} on the pair rows; the policy loss on the samples"]
+                   if self.preference != "off" else []),
                  f"  update: {self.updates_per_batch} pass(es) x {self.mini_batches} mini-batch(es) = "
                  f"{self.optimizer_steps} optimiser step(s) per batch, {self.micro_batches} micro-batch(es) each, "
                  f"grad clip {self.grad_clip}"]
@@ -91,6 +94,27 @@ _OLD = {"unused": "unused",
         "behav": "the sampling policy's behav_logp (no extra forward)"}
 
 
+def check_batch_kind(cfg: Config, algo) -> None:
+    """A pairwise loss (DPO) trains on batches of pairs only: from a preference file (workflow pairs) or
+    sampled (online_pairs). A mixed batch (online_pairs keeping its samples) needs a policy-gradient preset
+    for the samples and ``algorithm.preference_coef`` for the pairs."""
+    pairwise = bool(getattr(algo.loss_fn.func, "pairwise", False))
+    w = cfg.workflow
+    pairs_only = w.name == "pairs" or (w.name == "online_pairs" and not w.keep_samples)
+    if pairwise and not pairs_only:
+        raise ConfigError(f"algorithm.preset={algo.preset} trains on preference pairs only; they come from "
+                          "tasks.name=pairs (a preference file) or workflow.name=online_pairs (sampled, without "
+                          f"keep_samples), got workflow.name={w.name}"
+                          + (" with keep_samples=true" if w.name == "online_pairs" else ""))
+    if not pairwise and pairs_only:
+        raise ConfigError(f"algorithm.preset={algo.preset} does not train on preference pairs, but "
+                          f"workflow.name={w.name} makes nothing else; use algorithm.preset=dpo / ipo / online_dpo, "
+                          "or workflow.keep_samples=true with algorithm.preference_coef > 0 for a mixed batch")
+    if w.name == "online_pairs" and w.keep_samples and algo.pair_fn is None:
+        raise ConfigError("workflow.keep_samples=true makes mixed batches (samples and pairs); set "
+                          "algorithm.preference_coef > 0 to train the pairs, or drop keep_samples")
+
+
 def build_plan(cfg: Config, algo) -> StepPlan:
     """The plan for ``cfg`` and its bound algorithm; ConfigError for a combination that cannot be honoured."""
     check_wired(algo)
@@ -98,11 +122,7 @@ def build_plan(cfg: Config, algo) -> StepPlan:
         raise ConfigError(f"algorithm.preset={algo.preset}: its tool_reward recipe counts tool calls, which a "
                           "single_turn workflow never makes; use workflow.name=multi_turn with a tool environment, "
                           "or set algorithm.tool_reward.enabled=false")
-    pairwise = bool(getattr(algo.loss_fn.func, "pairwise", False))
-    if pairwise != (cfg.workflow.name == "pairs"):
-        what = "trains on preference pairs" if pairwise else "does not train on preference pairs"
-        raise ConfigError(f"algorithm.preset={algo.preset} {what}; preference pairs come from tasks.name=pairs "
-                          f"(workflow.name=pairs), got tasks.name={cfg.tasks.name}")
+    check_batch_kind(cfg, algo)
     t, r = cfg.train, cfg.rollout
     loss_reads = algo.loss_reads
     reads = algo.reads
@@ -137,7 +157,9 @@ def build_plan(cfg: Config, algo) -> StepPlan:
         ref_logp="reference" if "ref_logp" in reads else "unused",
         prev_logp="previous_policy" if "prev_logp" in reads else "unused", kl=kl,
         temperature=r.temperature, top_p=r.top_p, top_k=getattr(r, "top_k", 0), grad_clip=t.grad_clip,
-        micro_batches=t.micro_batches, mini_batches=t.mini_batches, updates_per_batch=t.updates_per_batch)
+        micro_batches=t.micro_batches, mini_batches=t.mini_batches, updates_per_batch=t.updates_per_batch,
+        preference=(f"{algo.pair_coef} x dpo({', '.join(f'{k}={v}' for k, v in bound_params(algo.pair_fn, {}).items())})"
+                    if algo.pair_fn is not None else "off"))
 
 
 def check_wired(algo) -> None:

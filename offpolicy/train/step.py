@@ -119,15 +119,19 @@ def step_logprobs(model, batch: Batch, plan: StepPlan, *, ref_model=None, prev_m
 
 def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: dict[str, torch.Tensor],
                     algo: Algorithm, plan: StepPlan, *, step: int, sums: dict[str, float],
-                    first: bool, loss_weight: float = 1.0) -> None:
+                    first: bool, loss_weight: float = 1.0, dp=None) -> None:
     """Accumulate gradients over micro-batches (normalised by this mini-batch's totals), then step.
 
     ``given``: the plan's per-batch log-probs for these rows. ``first``: the first optimiser step of the
     batch (the weights are still those at the step start), where the engine mismatch is measured."""
-    n_tokens = batch.mask_BT.sum().clamp(min=1)
-    n_seqs = int((batch.mask_BT.sum(-1) > 0).sum())  # rows with no trainable token count for nothing
+    mixed = algo.pair_fn is not None and batch.pair_B is not None  # samples and pairs: two losses
+    policy_mask_BT = batch.mask_BT * ~batch.pair_B[:, None] if mixed else batch.mask_BT
+    n_tokens = policy_mask_BT.sum().clamp(min=1)
+    n_seqs = int((policy_mask_BT.sum(-1) > 0).sum())  # rows with no trainable token count for nothing
+    n_pair_rows = int(((batch.mask_BT * batch.pair_B[:, None]).sum(-1) > 0).sum()) if mixed else 0
     optimizer.zero_grad(set_to_none=True)
     losses: list[torch.Tensor] = []
+    before = dict(sums)  # data-parallel: what this optimiser step adds is summed over the ranks
 
     def add(key: str, value) -> None:
         sums[key] = sums.get(key, 0.0) + _stat(value)
@@ -135,18 +139,28 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: 
     def agg(x_BT, m_BT):
         return algo.agg_fn(x_BT, m_BT, num_tokens=n_tokens, num_seqs=n_seqs)
 
-    for idx in torch.arange(len(batch)).tensor_split(plan.micro_batches):
+    for idx in (torch.arange(len(batch)) if dp is None else dp.rows(len(batch))).tensor_split(plan.micro_batches):
         mb = batch.select(idx)
         logp_BT, entropy_BT = response_logp(model, mb, temperature=plan.temperature, with_entropy=True)
         current = {k: logp_BT.detach() for k in ("old_logp", "center_logp") if getattr(plan, k) == "current"}
         inputs = LossInputs(adv=adv_B[idx], mask=mb.mask_BT, behav_logp=mb.behav_logp_BT, entropy=entropy_BT,
-                            step=step, **{k: v[idx] for k, v in given.items()}, **current)
+                            step=step, weights=mb.weights_BT, **{k: v[idx] for k, v in given.items()}, **current)
+        pair_loss = None
+        if mixed:  # the policy loss and the regularisers see the samples only; the DPO term the pairs
+            pair_loss = _pair_term(algo, logp_BT, inputs, mb.pair_B, n_pair_rows)
+            inputs = inputs._replace(mask=mb.mask_BT * ~mb.pair_B[:, None])
         out = algo.loss_fn(logp_BT, inputs)
-        loss = agg(out.loss_BT, mb.mask_BT)
+        loss = agg(out.loss_BT, inputs.mask)
         w = len(idx) / len(batch)  # stats are per-micro-batch means: weight by share of rows
+        if pair_loss is not None:
+            term, pair_stats = pair_loss
+            loss = loss + algo.pair_coef * term
+            add("pair/loss", term)
+            for k, v in pair_stats.items():
+                add(f"pair/{k}", w * _stat(v))
         for reg in algo.regularizers:
             reg_out = reg(logp_BT, inputs)
-            term = agg(reg_out.loss_BT, mb.mask_BT)
+            term = agg(reg_out.loss_BT, inputs.mask)
             loss = loss + term
             add(f"reg/{reg.func.__name__}", term)
             for k, v in reg_out.stats.items():
@@ -161,13 +175,28 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: 
             _engine_mismatch(mb, logp_BT.detach(), step, sums)
         for k, v in out.stats.items():
             add(f"loss/{k}", w * _stat(v))
+    finite = all(torch.isfinite(l) for l in losses)
+    if dp is not None:  # this rank's rows only: sum gradients and statistics over the trainer group
+        finite = dp.all_reduce(model, sums, since=before, finite=finite)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip)
     add("grad_norm", grad_norm)
-    if not (torch.isfinite(grad_norm) and all(torch.isfinite(l) for l in losses)):
+    if not (torch.isfinite(grad_norm) and finite):
         optimizer.zero_grad(set_to_none=True)  # a non-finite loss or gradient: skip, weights untouched
         add("skipped", 1)
         return
     optimizer.step()
+
+
+def _pair_term(algo: Algorithm, logp_BT: torch.Tensor, inputs: LossInputs, pair_B: torch.Tensor,
+               n_pair_rows: int) -> tuple[torch.Tensor, dict] | None:
+    """The DPO term on the pair rows of a mixed micro-batch: the sum of the pairwise loss over them,
+    divided by the live pair rows of the whole mini-batch (``seq_mean_token_sum``, so the mean over pairs)."""
+    rows = pair_B.nonzero().squeeze(-1)
+    if not len(rows):
+        return None
+    sub = inputs._replace(**{k: v[rows] for k, v in inputs._asdict().items() if torch.is_tensor(v) and v.dim()})
+    out = algo.pair_fn(logp_BT[rows], sub)
+    return out.loss_BT.sum() / max(n_pair_rows, 1), out.stats
 
 
 def _engine_mismatch(mb: Batch, logp_BT: torch.Tensor, step: int, sums: dict[str, float]) -> None:
@@ -185,7 +214,7 @@ def _engine_mismatch(mb: Batch, logp_BT: torch.Tensor, step: int, sums: dict[str
 
 
 def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, *, ref_model=None,
-               prev_model=None, step: int = 1, loss_weight: float = 1.0) -> dict[str, float]:
+               prev_model=None, step: int = 1, loss_weight: float = 1.0, dp=None) -> dict[str, float]:
     """Train on one batch: ``plan.updates_per_batch`` passes, each of ``plan.mini_batches`` optimiser steps.
 
     Advantages are computed once per batch, and so are the log-probs the plan lists (see
@@ -195,6 +224,8 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, 
     scales the loss that is backpropagated (SPEAR's self-imitation weight; the logged loss is unscaled). Statistics are
     means over the optimiser steps. An optimiser step whose loss or gradient norm is not finite is
     skipped (gradients dropped, weights and optimiser state untouched) and counted in ``skipped_steps``.
+    ``dp``: this process's place in a data-parallel trainer group (:mod:`offpolicy.train.distributed`):
+    every rank passes the same batch and trains its share of the rows of each micro-batch.
     """
     model.train()
     device = next(model.parameters()).device
@@ -207,7 +238,7 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, 
     for _ in range(plan.updates_per_batch):
         for rows in torch.arange(len(batch)).tensor_split(plan.mini_batches):
             _optimizer_step(model, optimizer, batch.select(rows), adv_B[rows], {k: v[rows] for k, v in given.items()},
-                            algo, plan, step=step, sums=sums, first=n_steps == 0, loss_weight=loss_weight)
+                            algo, plan, step=step, sums=sums, first=n_steps == 0, loss_weight=loss_weight, dp=dp)
             n_steps += 1
     skipped = sums.pop("skipped", 0.0)
     engine = {k: sums.pop(f"_engine_{k}") for k in ("sum", "n", "max")}
