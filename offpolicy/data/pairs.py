@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import random
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -297,14 +298,9 @@ def _known(tokenizer, pair: Pair, ids: PairIds) -> PairIds:
     return ids
 
 
-def pair_token_ids(tokenizer, pair: Pair) -> PairIds:
-    """Token ids of ``pair`` as the module docstring describes: a conversational pair through the
-    tokenizer's chat template, or as plain text when it has none. Raises :class:`DatasetError` (naming the
-    row) when the template breaks the prefix property, or when the text holds characters the tokenizer can
-    only map to an unknown token that is also its padding token (the bundled tokenizer's)."""
+def _encode(tokenizer, pair: Pair) -> PairIds:
     if not pair.conversational or not getattr(tokenizer, "chat_template", None):
-        prompt, chosen, rejected = plain_rendering(pair) if pair.conversational else (pair.prompt, pair.chosen,
-                                                                                      pair.rejected)
+        prompt, chosen, rejected = _plain_texts(pair)
         return _known(tokenizer, pair, PairIds(encode_prompt_text(tokenizer, prompt), response_ids(tokenizer, chosen),
                                                response_ids(tokenizer, rejected)))
     prompt_text = tokenizer.apply_chat_template(list(pair.prompt_messages), tokenize=False,
@@ -315,11 +311,54 @@ def pair_token_ids(tokenizer, pair: Pair) -> PairIds:
         _chat_response_ids(tokenizer, pair, prompt_ids, pair.rejected_messages, "rejected")))
 
 
-def check_pairs(tokenizer, pairs: Sequence[Pair]) -> None:
-    """Encode every pair once, so that a row the tokenizer cannot render (:func:`pair_token_ids`'s errors,
-    each naming its ``file:line``) fails at start-up rather than when its batch comes up."""
-    for pair in pairs:
-        pair_token_ids(tokenizer, pair)
+def _plain_texts(pair: Pair) -> tuple[str, str, str]:
+    return plain_rendering(pair) if pair.conversational else (pair.prompt, pair.chosen, pair.rejected)
+
+
+# tokenizer -> {id(pair): (pair, the tokenizer's chat template then, its PairIds)}: the ids of the pairs
+# that encode_pairs encoded (a run's training and held-out pairs), so that a training step does not
+# tokenize its pairs again (96 tokenizer calls per step of 32 pairs: 10-25 ms, 10-20% of the bundled
+# model's DPO step). Weak in the tokenizer; each entry holds its pair, so an id is never reused while cached.
+_ENCODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def pair_token_ids(tokenizer, pair: Pair) -> PairIds:
+    """Token ids of ``pair`` as the module docstring describes: a conversational pair through the
+    tokenizer's chat template, or as plain text when it has none. Raises :class:`DatasetError` (naming the
+    row) when the template breaks the prefix property, or when the text holds characters the tokenizer can
+    only map to an unknown token that is also its padding token (the bundled tokenizer's). A pair that
+    :func:`encode_pairs` encoded with this tokenizer is not encoded again (the lists are shared: do not
+    modify them)."""
+    hit = _ENCODED.get(tokenizer, {}).get(id(pair))
+    if hit is not None and hit[0] is pair and hit[1] == getattr(tokenizer, "chat_template", None):
+        return hit[2]
+    return _encode(tokenizer, pair)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> None:
+    """Encode every pair of ``pairs`` now, so that a row the tokenizer cannot render (:func:`pair_token_ids`'s
+    errors, each naming its ``file:line``) fails at start-up rather than when its batch comes up, and keep
+    the ids for :func:`pair_token_ids`. Plain pairs are tokenized in three batched calls (the same ids as
+    one call per text: tested)."""
+    template = getattr(tokenizer, "chat_template", None)
+    memo = _ENCODED.setdefault(tokenizer, {})
+    plain = [p for p in pairs if not (p.conversational and template)]
+    if plain:
+        texts = [_plain_texts(p) for p in plain]
+        bos = getattr(tokenizer, "bos_token", None)
+        special = [not (bos and t[0].startswith(bos)) for t in texts]  # as encode_prompt_text decides
+        batches = {flag: iter(tokenizer([t[0] for t, s in zip(texts, special) if s == flag],
+                                        add_special_tokens=flag)["input_ids"]) if flag in special else iter(())
+                   for flag in (True, False)}
+        prompts = [next(batches[s]) for s in special]
+        replies = tokenizer([t[1] for t in texts] + [t[2] for t in texts], add_special_tokens=False)["input_ids"]
+        eos, n = tokenizer.eos_token_id, len(plain)
+        for i, p in enumerate(plain):
+            memo[id(p)] = (p, template, _known(tokenizer, p, PairIds(prompts[i], replies[i] + [eos],
+                                                                     replies[n + i] + [eos])))
+    for p in pairs:
+        if p.conversational and template:
+            memo[id(p)] = (p, template, _encode(tokenizer, p))
 
 
 # ---------------------------------------------------------------------------- arithmetic pairs

@@ -95,14 +95,14 @@ def task_source(cfg: Config, tokenizer=None, *, report: Callable[[str], None] | 
             shots = ([] if isinstance(t.few_shot, str) else
                      arithmetic.generate("train", t.few_shot, seed=t.seed + 1, levels=levels) if t.few_shot else [])
         elif t.name == "pairs":
-            from offpolicy.data.pairs import check_pairs, load_pairs
+            from offpolicy.data.pairs import encode_pairs, load_pairs
             from offpolicy.rollout.model import load_tokenizer, resolve_model_path
 
             pairs = load_pairs(t.train_path)
             held = load_pairs(t.eval_path, limit=t.eval_size) if t.eval_path else pairs[: t.eval_size]
             tokenizer = tokenizer or load_tokenizer(resolve_model_path(cfg.model.path))
             for part in (pairs, held):  # a row the tokenizer cannot render fails now, naming its file:line
-                check_pairs(tokenizer, part)
+                encode_pairs(tokenizer, part)  # and steps reuse the ids
             return _epochs(pairs, t.seed), held
         elif t.name == "calculator":
             from offpolicy.data import calculator

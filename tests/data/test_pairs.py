@@ -238,3 +238,34 @@ def test_chat_template_multi_turn_response_ids(smoke_model_dir):
     full = tok.apply_chat_template([U, GOOD, TOOL, GOOD], tokenize=False)  # Qwen's: a tool turn is a user turn
     assert "<tool_response>" in full and tok.decode(ids.prompt_ids + ids.chosen_ids) == full.rstrip("\n")
     assert ids.chosen_ids[-1] == tok.eos_token_id and tok.decode(ids.chosen_ids).count("<|im_end|>") == 3
+
+
+def test_encode_pairs_batched_equals_one_at_a_time_and_is_reused(tmp_path, smoke_model_dir):
+    """encode_pairs (batched for text; at start-up) gives the ids pair_token_ids computes pair by pair, and
+    pair_token_ids then returns them without tokenizing again; a changed chat template is not served stale."""
+    from offpolicy.data import pairs as P
+
+    bos_text = Pair("b", "<bos>1+1=", "2", "3")  # a prompt that already holds BOS: no second one
+    for tok, rows in ((load_tokenizer(BUNDLED), arithmetic_pairs("train", 64) + [bos_text]),
+                      (load_tokenizer(str(smoke_model_dir)),
+                       load_pairs(jsonl(tmp_path / "m.jsonl", [TEXT_ROW, CHAT_ROW, IMPLICIT_ROW, TEXT_ROW])))):
+        fresh = [P._encode(tok, p) for p in rows]
+        P.encode_pairs(tok, rows)
+        assert [P.pair_token_ids(tok, p) for p in rows] == fresh
+        assert all(P.pair_token_ids(tok, p) is P._ENCODED[tok][id(p)][2] for p in rows)  # served, not recomputed
+    bundled = load_tokenizer(BUNDLED)
+    assert P.pair_token_ids(bundled, bos_text).prompt_ids.count(bundled.bos_token_id) == 1
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = rows[1]
+    assert P.pair_token_ids(tok, chat) is not P._ENCODED[tok][id(chat)][2]  # re-encoded under the new template
+    other = Pair(chat.pair_id, chat.prompt, chat.chosen, chat.rejected, chat.prompt_messages,
+                 chat.chosen_messages, chat.rejected_messages)
+    assert P.pair_token_ids(tok, other) == P._encode(tok, other)  # an equal pair that was never encoded
+
+
+def test_encode_pairs_names_the_row_the_tokenizer_cannot_encode(tmp_path):
+    from offpolicy.data.pairs import encode_pairs
+
+    f = jsonl(tmp_path / "p.jsonl", [TEXT_ROW, TEXT_ROW, {"prompt": "2+3=", "chosen": "five", "rejected": "6"}])
+    with pytest.raises(DatasetError, match=rf"^{f}:3: the chosen holds text the tokenizer cannot encode"):
+        encode_pairs(load_tokenizer(BUNDLED), load_pairs(f))
