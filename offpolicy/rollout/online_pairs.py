@@ -3,10 +3,12 @@
 Each task gets ``group_size`` samples from the engine (the ``single_turn`` workflow), scored by the run's
 reward. Pairs are then built inside each task's group (``workflow.pairing``):
 
-- ``best_worst``: the highest-rewarded sample against the lowest (the first of equals, in sample order):
+- ``best_vs_worst``: the highest-rewarded sample against the lowest (the first of equals, in sample order):
   one pair per task, as in TRL's online DPO with a judge and in "self-rewarding" recipes;
-- ``all``: every (higher, lower) combination: with a 0/1 reward, each correct sample against each
-  incorrect one, up to ``floor(K/2) * ceil(K/2)`` pairs per task.
+- ``all_pairs``: every sample above the group's median reward against every one below it: with a 0/1
+  reward and an even K, each correct sample against each incorrect one; up to ``floor(K/2)**2`` pairs.
+
+The rules are :func:`offpolicy.algos.best_vs_worst` and :func:`offpolicy.algos.all_pairs` (ALGORITHMS.md §8b).
 
 A group whose rewards are all equal has no preference to teach. So that every task yields the same number
 of rows (the runners train on a fixed number of rows per step, taken whole from the buffer), the missing
@@ -28,28 +30,17 @@ from typing import Literal, Sequence
 
 import torch
 
+from offpolicy.algos import PAIR_BUILDERS
 from offpolicy.data.experience import Experience
 from offpolicy.rollout.workflow import Sampling, Scorer, single_turn
 
-Pairing = Literal["best_worst", "all"]
+Pairing = Literal["best_vs_worst", "all_pairs"]
 
 
 def pairs_per_task(pairing: Pairing, group_size: int) -> int:
-    """Pairs each task yields (live or inert): 1 for best_worst, floor(K/2) * ceil(K/2) for all."""
-    return 1 if pairing == "best_worst" else (group_size // 2) * ((group_size + 1) // 2)
-
-
-def rank_pairs(rewards: Sequence[float], pairing: Pairing) -> list[tuple[int, int]]:
-    """(chosen, rejected) indices into ``rewards`` with ``rewards[chosen] > rewards[rejected]``.
-
-    ``best_worst``: the first maximum against the first minimum, or nothing if all are equal. ``all``:
-    every pair with a strictly higher reward, ordered by the chosen index then the rejected one.
-    """
-    if pairing == "best_worst":
-        hi = max(range(len(rewards)), key=lambda i: (rewards[i], -i))
-        lo = min(range(len(rewards)), key=lambda i: (rewards[i], i))
-        return [(hi, lo)] if rewards[hi] > rewards[lo] else []
-    return [(i, j) for i in range(len(rewards)) for j in range(len(rewards)) if rewards[i] > rewards[j]]
+    """Pairs each task yields (live or inert): 1 for best_vs_worst; for all_pairs at most
+    ``floor(K/2)**2`` (fewer than K/2 samples lie strictly above the median, and fewer below)."""
+    return 1 if pairing == "best_vs_worst" else (group_size // 2) ** 2
 
 
 def _row(exp: Experience, role: str, pair_id: str, group: str, *, live: bool) -> Experience:
@@ -65,15 +56,14 @@ def _row(exp: Experience, role: str, pair_id: str, group: str, *, live: bool) ->
 def build_pairs(group: Sequence[Experience], pairing: Pairing, group_size: int) -> list[Experience]:
     """The pair rows of one task's scored group: ``pairs_per_task`` pairs, the live ones first, the rest
     inert. A sample whose reward faulted (``reward_fault``) takes part in no pair."""
-    valid = [e for e in group if "reward_fault" not in e.info]
-    ranked = rank_pairs([e.reward for e in valid], pairing) if len(valid) >= 2 else []
+    ranked = PAIR_BUILDERS[pairing]([None if "reward_fault" in e.info else e.reward for e in group])
     n = pairs_per_task(pairing, group_size)
     base = group[0].group_id.split("#", 1)[0]
     out: list[Experience] = []
     for k in range(n):
         live = k < len(ranked)
         c, r = ranked[k] if live else (0, len(group) - 1)
-        chosen, rejected = (valid[c], valid[r]) if live else (group[c], group[r])
+        chosen, rejected = group[c], group[r]
         pair_id = f"{base}/p{k}"
         out += [_row(chosen, "chosen", pair_id, pair_id, live=live),
                 _row(rejected, "rejected", pair_id, pair_id, live=live)]
@@ -83,7 +73,7 @@ def build_pairs(group: Sequence[Experience], pairing: Pairing, group_size: int) 
 class OnlinePairs:
     """``workflow(engine, tokenizer, tasks, scorer, ...)``: sample, score, pair (see the module docstring)."""
 
-    def __init__(self, pairing: Pairing = "best_worst", keep_samples: bool = False):
+    def __init__(self, pairing: Pairing = "best_vs_worst", keep_samples: bool = False):
         self.pairing, self.keep_samples = pairing, keep_samples
 
     @classmethod

@@ -8,24 +8,21 @@ import torch
 from offpolicy.algos import bind, resolve_preset
 from offpolicy.config import ConfigError, load_config
 from offpolicy.data.experience import Experience, collate
-from offpolicy.rollout.online_pairs import OnlinePairs, build_pairs, pairs_per_task, rank_pairs
+from offpolicy.rollout.online_pairs import OnlinePairs, build_pairs, pairs_per_task
 from offpolicy.train.algorithm import Algorithm
 from offpolicy.train.plan import build_plan
 from offpolicy.train.step import response_logp, train_step
 
 
-def test_best_worst_takes_the_first_maximum_and_the_first_minimum():
-    assert rank_pairs([0.0, 1.0, 0.5, 1.0, 0.0], "best_worst") == [(1, 0)]
-    assert rank_pairs([0.2, 0.9, 0.1], "best_worst") == [(1, 2)]
-    assert rank_pairs([1.0, 1.0, 1.0], "best_worst") == []  # no preference to teach
+def test_pairs_per_task_bounds_what_the_rules_can_give():
+    from itertools import product
 
+    from offpolicy.algos import all_pairs
 
-def test_all_pairs_every_higher_against_every_lower():
-    # rewards 1, 0, 1, 0: correct {0, 2} x incorrect {1, 3}
-    assert rank_pairs([1.0, 0.0, 1.0, 0.0], "all") == [(0, 1), (0, 3), (2, 1), (2, 3)]
-    # graded: 0.5 beats 0 and loses to 1
-    assert rank_pairs([0.5, 1.0, 0.0], "all") == [(0, 2), (1, 0), (1, 2)]
-    assert pairs_per_task("all", 4) == 4 and pairs_per_task("all", 5) == 6 and pairs_per_task("best_worst", 8) == 1
+    assert pairs_per_task("best_vs_worst", 8) == 1 and pairs_per_task("all_pairs", 4) == 4
+    for K in (2, 3, 4, 5):  # every 0/1/2-valued group of K: never more pairs than the padding allows
+        most = max(len(all_pairs(list(r))) for r in product((0.0, 1.0, 2.0), repeat=K))
+        assert most == pairs_per_task("all_pairs", K)
 
 
 def _group(rewards, *, fault_at=None):
@@ -43,7 +40,7 @@ def _group(rewards, *, fault_at=None):
 
 def test_pairs_of_a_scored_group_by_hand():
     group = _group([0.0, 1.0, 1.0, 0.0])
-    rows = build_pairs(group, "all", 4)
+    rows = build_pairs(group, "all_pairs", 4)
     assert len(rows) == 8 and [r.info["role"] for r in rows] == ["chosen", "rejected"] * 4
     # (1,0), (1,3), (2,0), (2,3): the sampled tokens and behaviour log-probs travel with each row
     assert [int(r.response_ids[0]) for r in rows] == [11, 10, 11, 13, 12, 10, 12, 13]
@@ -56,13 +53,14 @@ def test_pairs_of_a_scored_group_by_hand():
 
 
 def test_a_group_without_contrast_gives_inert_pairs_and_a_faulted_sample_none():
-    rows = build_pairs(_group([1.0, 1.0, 1.0, 1.0]), "best_worst", 4)
+    rows = build_pairs(_group([1.0, 1.0, 1.0, 1.0]), "best_vs_worst", 4)
     assert len(rows) == 2 and all(r.info["inert"] and r.response_mask.sum() == 0 for r in rows)
-    # the faulted sample (reward 1.0, but no score) is in no pair: 1 live pair (sample 2 vs 0), 3 inert
-    rows = build_pairs(_group([0.0, 1.0, 1.0, 0.0], fault_at=1), "all", 4)
-    live = [r for r in rows if "inert" not in r.info]
-    assert [int(r.response_ids[0]) for r in live] == [12, 10, 12, 13]
-    assert len(rows) == 8 and sum(r.response_mask.sum() for r in rows) == 8
+    # the faulted sample (reward 1.0, but no score) is in no pair: of [0, -, 1, 0] the median is 0, so
+    # nothing lies below it: no live pair with all_pairs; best_vs_worst pairs sample 2 with sample 0
+    rows = build_pairs(_group([0.0, 1.0, 1.0, 0.0], fault_at=1), "all_pairs", 4)
+    assert len(rows) == 8 and all(r.info.get("inert") for r in rows)
+    rows = build_pairs(_group([0.0, 1.0, 1.0, 0.0], fault_at=1), "best_vs_worst", 4)
+    assert [int(r.response_ids[0]) for r in rows] == [12, 10] and "inert" not in rows[0].info
 
 
 class _Engine:
@@ -89,14 +87,17 @@ def test_the_workflow_yields_rows_per_task_for_every_task(random_tiny):
     tasks = [SimpleNamespace(prompt="1+1=", answer="2", task_id="a"), SimpleNamespace(prompt="2+2=", answer="9",
                                                                                       task_id="b")]
     scorer = lambda triples: [Scored(float(r == t), None, r == t) for r, t, _ in triples]  # noqa: E731
-    for wf in (OnlinePairs("best_worst"), OnlinePairs("all", keep_samples=True)):
+    for wf in (OnlinePairs("best_vs_worst"), OnlinePairs("all_pairs", keep_samples=True)):
         exps = wf(_Engine(tok), tok, tasks, scorer, sampling=Sampling(group_size=4), version=0, batch_index=0)
         assert len(exps) == rows_per_step(wf, 2, 4)
-    # keep_samples: task a's 4 samples, its 4 pairs (response "2" beats the three others, 1 live of 4 with
-    # "all" is 3 live), then task b's samples and 4 inert pairs (no response is "9")
+    # keep_samples: task a's 4 samples, its 4 pairs (response "2" alone is right: rewards [0, 0, 1, 0] have
+    # median 0, nothing below it, so all 4 are inert), then task b's samples and 4 inert pairs (no "9")
     roles = [e.info.get("role", "sample") for e in exps[:12]]
     assert roles == ["sample"] * 4 + ["chosen", "rejected"] * 4
-    assert sum("inert" not in e.info for e in exps[4:12]) == 6 and all(e.info.get("inert") for e in exps[16:])
+    assert all(e.info.get("inert") for e in exps[4:12] + exps[16:])
+    exps = OnlinePairs("best_vs_worst")(_Engine(tok), tok, tasks, scorer, sampling=Sampling(group_size=4))
+    assert [int(e.response_ids[0]) for e in exps[:2]] == [tok.convert_tokens_to_ids(str(i)) for i in (2, 0)]
+    assert "inert" not in exps[0].info and exps[2].info["inert"]
 
 
 def _mixed_batch(tok):
@@ -162,7 +163,7 @@ def test_a_mixed_step_is_the_policy_loss_on_the_samples_plus_coef_times_dpo_on_t
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["workflow.pairing=all"], "online_pairs only"),
+    (["workflow.pairing=all_pairs"], "online_pairs only"),
     (["algorithm.preference_coef=0.5"], "keep_samples=true makes"),
     (["workflow.name=online_pairs", "workflow.keep_samples=true", "algorithm.preference_params={beta: 0.2}"],
      "preference_coef=0 turns"),
@@ -188,4 +189,4 @@ def test_batches_a_loss_cannot_train_on_are_refused_at_start(overrides, message)
 
 def test_online_dpo_preset_samples_its_pairs():
     cfg = load_config(None, ["algorithm.preset=online_dpo"])
-    assert cfg.workflow.name == "online_pairs" and cfg.workflow.pairing == "best_worst"
+    assert cfg.workflow.name == "online_pairs" and cfg.workflow.pairing == "best_vs_worst"
