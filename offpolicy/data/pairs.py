@@ -146,6 +146,11 @@ def pair_from_row(where: str, pair_id: str, row: dict) -> Pair:
     if chosen == rejected:
         raise DatasetError(f"{where}: 'chosen' and 'rejected' are the same")
     margin = row.get("margin")
+    if isinstance(margin, str):  # a CSV cell is text: a number in it, or empty for none
+        try:
+            margin = float(margin) if margin.strip() else None
+        except ValueError:
+            pass  # refused below, with the text
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
                                or not math.isfinite(margin)):
         raise DatasetError(f"{where}: field 'margin' must be a finite number, got {margin!r}")

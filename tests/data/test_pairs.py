@@ -269,3 +269,15 @@ def test_encode_pairs_names_the_row_the_tokenizer_cannot_encode(tmp_path):
     f = jsonl(tmp_path / "p.jsonl", [TEXT_ROW, TEXT_ROW, {"prompt": "2+3=", "chosen": "five", "rejected": "6"}])
     with pytest.raises(DatasetError, match=rf"^{f}:3: the chosen holds text the tokenizer cannot encode"):
         encode_pairs(load_tokenizer(BUNDLED), load_pairs(f))
+
+
+def test_csv_text_rows_with_a_margin_column(tmp_path):
+    """CSV holds text rows; its cells are text, so a margin cell is read as a number (empty = none)."""
+    f = tmp_path / "p.csv"
+    f.write_text('prompt,chosen,rejected,margin\n2+3=,5,6,1.5\n"1+1=",2,3,\n4+4=,8,9,big\n')
+    with pytest.raises(DatasetError, match=rf"^{f}:4: field 'margin' must be a finite number, got 'big'"):
+        load_pairs(f)
+    f.write_text("\n".join(f.read_text().splitlines()[:3]) + "\n")
+    a, b = load_pairs(f)
+    assert (a.prompt, a.chosen, a.rejected, a.margin, a.where) == ("2+3=", "5", "6", 1.5, f"{f}:2")
+    assert b.margin is None and b.chosen == "2"
