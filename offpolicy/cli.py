@@ -1,5 +1,5 @@
 """Command line: ``offpolicy train | eval | pretrain-tiny | make-smoke-model | compare | plot | presets | config |
-reward-model``.
+reward-model | opa-dpo``.
 
 Heavy imports (torch, transformers) happen inside the commands so ``offpolicy --help`` is instant.
 """
@@ -386,6 +386,16 @@ def _cmd_reward_model(args) -> int:
     return 0
 
 
+def _cmd_opa_dpo(args) -> int:
+    from offpolicy.pipeline.opa_dpo import run_opa_dpo
+    from offpolicy.pipeline.opa_dpo_config import load_opa_dpo_config
+
+    cfg, raw = load_opa_dpo_config(args.config, args.overrides)
+    res = run_opa_dpo(cfg, raw)
+    print(f"result: {res.run_dir / 'result.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="offpolicy", description="Off-policy reinforcement fine-tuning of LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -446,6 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("presets", help="every named algorithm: functions, bound parameters, log-probs read, paper")
     ps.add_argument("name", nargs="?", help="one preset in full, e.g. grpo")
     ps.set_defaults(fn=_cmd_presets)
+    od = sub.add_parser("opa-dpo", help="OPA-DPO in four stages: generate, revise, align (SFT), DPO "
+                                        "(docs/preferences.md); rerun with the same run.dir to resume")
+    od.add_argument("--config", help="YAML config: a training config plus an opa_dpo section")
+    od.add_argument("overrides", nargs="*", help="dotted overrides, e.g. opa_dpo.revise.corrector=model:DIR")
+    od.set_defaults(fn=_cmd_opa_dpo)
     from offpolicy.train.reward_model import RewardModelSettings
 
     d = RewardModelSettings()

@@ -2,7 +2,9 @@
 
 Each pair becomes one group of two experiences, ``chosen`` then ``rejected`` (``info["role"]``), whose
 response tokens are the pair's own (nothing is sampled: ``behav_logp`` is 0 and no loss reads it).
-Pairs thus go through the same buffer, versions and checkpoints as RL experiences. Each carries a
+Pairs thus go through the same buffer, versions and checkpoints as RL experiences; a pair's token
+weights (``chosen_weights`` / ``rejected_weights``) become its experiences' ``token_weights``, read by the
+``dpo`` loss. Each carries a
 ``ref_key``, so the trainer computes its reference log-probs once and reuses them
 (:mod:`offpolicy.pipeline.ref_cache`). The workflow's
 ``evaluate`` measures held-out preference accuracy: the share of pairs whose implicit reward margin
@@ -16,21 +18,24 @@ from typing import Sequence
 import torch
 
 from offpolicy.data.experience import Experience, collate
-from offpolicy.data.pairs import pair_token_ids
+from offpolicy.data.pairs import check_token_weights, pair_token_ids
 from offpolicy.rollout.workflow import Sampling, Scorer
 
 
 def _pair_experiences(tokenizer, pair, *, version: int, batch_index: int) -> list[Experience]:
     ids = pair_token_ids(tokenizer, pair)
+    check_token_weights(pair, ids.chosen_ids, ids.rejected_ids)
     group = f"{pair.pair_id}@{f'b{batch_index}' if batch_index >= 0 else f'v{version}'}"
     out = []
     for role, resp in (("chosen", ids.chosen_ids), ("rejected", ids.rejected_ids)):
+        weights = getattr(pair, f"{role}_weights")
         out.append(Experience(
             prompt_ids=torch.tensor(ids.prompt_ids, dtype=torch.long), response_ids=torch.tensor(resp, dtype=torch.long),
             response_mask=torch.ones(len(resp)), behav_logp=torch.zeros(len(resp)),
             reward=float(role == "chosen"), group_id=group, task_id=pair.pair_id, version=version,
             batch_index=batch_index, info={"role": role, "correct": role == "chosen", "pair_id": pair.pair_id,
-                                           "ref_key": f"{pair.pair_id}/{role}"}))
+                                           "ref_key": f"{pair.pair_id}/{role}"},
+            token_weights=None if weights is None else torch.tensor(weights, dtype=torch.float32)))
     return out
 
 
