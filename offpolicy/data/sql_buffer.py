@@ -267,7 +267,8 @@ class _SQLStore:
             groups = self._groups(ex) if self.capacity is not None else []
             evict = plan_eviction(groups, len(exps), self.capacity, self.eviction)
             self._bump(ex, "evicted", self._retire(ex, evict, "'evicted'"))
-            base = self._bump(ex, "put", len(rows)) - len(rows)
+            base = ex("SELECT value FROM counters WHERE name = 'put'")[0][0]
+            self._bump(ex, "put", len(rows))
             ex("INSERT INTO experiences (seq, eid, group_id, version, batch_index, use_count, expert, meta, tensors) "
                "VALUES (:seq, :eid, :group_id, :version, :batch_index, :use_count, :expert, :meta, :tensors)",
                [dict(r, seq=base + i) for i, r in enumerate(rows)])
@@ -304,10 +305,10 @@ class _SQLStore:
         _each_in(ex, "DELETE FROM experiences WHERE group_id IN ({in_})", group_ids)
         return sum(r[0] for r in moved)
 
-    def _bump(self, ex: Exec, name: str, k: int) -> int:
-        """Add ``k`` to counter ``name``; returns the new value."""
-        ex("UPDATE counters SET value = value + :k WHERE name = :name", {"k": k, "name": name})
-        return ex("SELECT value FROM counters WHERE name = :name", {"name": name})[0][0]
+    def _bump(self, ex: Exec, name: str, k: int) -> None:
+        """Add ``k`` to counter ``name`` (nothing for 0: on a server every statement is a round trip)."""
+        if k:
+            ex("UPDATE counters SET value = value + :k WHERE name = :name", {"k": k, "name": name})
 
     # ------------------------------------------------------------------------------------- reading
 

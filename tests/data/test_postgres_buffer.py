@@ -4,9 +4,7 @@ and short training runs with buffer.kind=sql in sync and async mode.
 
 Every check of what was stored reads the tables with SQL of its own, not through the buffer code."""
 
-import os
-import subprocess
-import sys
+import multiprocessing as mp
 import time
 
 import pytest
@@ -15,8 +13,6 @@ import torch
 from offpolicy.data.experience import Experience
 from offpolicy.data.sampling import make_strategy
 from offpolicy.data.sql_buffer import SQLBuffer
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def group(i, k=2, version=None):
@@ -70,40 +66,33 @@ def test_round_trip_types_eviction_and_a_failed_put(pg_url):
     assert query(pg_url, "SELECT COUNT(*), COUNT(DISTINCT eid) FROM retired") == [(14, 14)]
 
 
-WRITER = r"""
-import sys, torch
-from offpolicy.data.experience import Experience
-from offpolicy.data.sql_buffer import SQLBuffer
-
-url, w, n_groups, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-print("ready", flush=True)
-sys.stdin.readline()  # all writers open the new, empty database at once
-buf = SQLBuffer(url)
-for i in range(n_groups):
-    buf.put([Experience(torch.tensor([w, i]), torch.tensor([i, j]), torch.ones(2), torch.zeros(2), float(j),
-                        f"w{w}g{i}", "t", version=i // 10, eid=f"w{w}g{i}-{j}") for j in range(k)])
-buf.close()
-"""
+def write_groups(url, w, n_groups, k, start):
+    """A writer process (an explorer): opens the buffer when every writer is ready, then puts its groups."""
+    start.wait()  # all writers open the new, empty database at once
+    buf = SQLBuffer(url)
+    for i in range(n_groups):
+        buf.put([Experience(torch.tensor([w, i]), torch.tensor([i, j]), torch.ones(2), torch.zeros(2), float(j),
+                            f"w{w}g{i}", "t", version=i // 10, eid=f"w{w}g{i}-{j}") for j in range(k)])
+    buf.close()
 
 
 def test_writer_processes_and_a_sampler_lose_and_duplicate_nothing(pg_url):
-    n_writers, n_groups, k = 4, 50, 4
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, pg_url, str(w), str(n_groups), str(k)], env=ENV,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for w in range(n_writers)]
+    n_writers, n_groups, k = 4, 25, 2
+    # forkserver: the writers fork from a clean process that imported torch once (spawn would import it four
+    # times; a fork of the test process would copy its threads)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "offpolicy.data.sql_buffer"])
+    start = ctx.Barrier(n_writers + 1)
+    writers = [ctx.Process(target=write_groups, args=(pg_url, w, n_groups, k, start)) for w in range(n_writers)]
+    for p in writers:
+        p.start()
     try:
-        for p in writers:
-            assert p.stdout.readline().strip() == "ready", p.communicate()[1]
-        for p in writers:  # go: the tables do not exist yet, and every writer creates them
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        buf = None
+        start.wait(timeout=120)  # go: the tables do not exist yet, and every writer creates them
+        buf = SQLBuffer(pg_url)  # the sampler opens the database too, while the writers are creating the tables
         fifo = make_strategy("fifo")
         got, overlapped = [], 0
         while True:
-            if buf is None:  # the sampler opens the database too, while the writers are creating the tables
-                buf = SQLBuffer(pg_url)
-            running = any(p.poll() is None for p in writers)
+            running = any(p.is_alive() for p in writers)
             batch = buf.sample(2 * k, fifo, now_version=99)  # two whole groups
             if batch:
                 got += [e.eid for e in batch]
@@ -115,10 +104,10 @@ def test_writer_processes_and_a_sampler_lose_and_duplicate_nothing(pg_url):
                 time.sleep(0.002)
     finally:
         for p in writers:
-            if p.poll() is None:
+            p.join(timeout=60)
+            if p.is_alive():
                 p.kill()
-        errors = [p.communicate()[1] for p in writers]
-    assert [p.returncode for p in writers] == [0] * n_writers, errors
+    assert [p.exitcode for p in writers] == [0] * n_writers  # a writer's traceback is in the captured stderr
 
     total = n_writers * n_groups * k
     assert len(got) == total and len(set(got)) == total  # nothing lost, nothing sampled twice
