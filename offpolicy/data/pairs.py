@@ -364,6 +364,9 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> None:
     for p in pairs:
         if p.conversational and template:
             memo[id(p)] = (p, template, _encode(tokenizer, p))
+        if p.chosen_weights is not None or p.rejected_weights is not None:  # one weight per response token
+            ids = memo[id(p)][2]
+            check_token_weights(p, ids.chosen_ids, ids.rejected_ids)
 
 
 # ---------------------------------------------------------------------------- arithmetic pairs

@@ -49,6 +49,11 @@ def test_a_weight_count_that_does_not_match_the_tokens_names_the_row(tmp_path):
     from offpolicy.rollout.pairs import PairsWorkflow
     from offpolicy.rollout.workflow import Sampling
 
-    f = jsonl(tmp_path / "p.jsonl", [{**ROW, "chosen_weights": [2.5, 1.0]}])  # "73" + EOS is 3 tokens
-    with pytest.raises(DatasetError, match=f"{f}:1: field 'chosen_weights' has 2 weights but the response has 3 tokens"):
+    from offpolicy.data.pairs import encode_pairs
+
+    f = jsonl(tmp_path / "p.jsonl", [ROW, {**ROW, "chosen_weights": [2.5, 1.0]}])  # "73" + EOS is 3 tokens
+    message = f"{f}:2: field 'chosen_weights' has 2 weights but the response has 3 tokens"
+    with pytest.raises(DatasetError, match=message):  # at start-up, when a run encodes its pairs
+        encode_pairs(load_tokenizer(BUNDLED), load_pairs(f))
+    with pytest.raises(DatasetError, match=message):
         PairsWorkflow()(None, load_tokenizer(BUNDLED), load_pairs(f), None, sampling=Sampling())
