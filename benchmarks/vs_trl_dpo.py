@@ -10,8 +10,8 @@ Needs the ``bench`` extra (``pip install -e '.[bench]'``: TRL). Both sides compu
   slipped or a nearby wrong answer rejected): 4,000 training pairs, 256 held-out pairs, written as a
   standard-format JSONL file that offpolicy reads (``tasks.name=pairs``);
 - the pairs in the same order: offpolicy's own order (its task source, reshuffled each epoch from
-  ``tasks.seed``), given to TRL as its dataset with a sequential sampler; so step ``s`` of both sides trains
-  on the same 32 pairs;
+  ``tasks.seed``), given to TRL as the order of its sampler over the 4,000 pairs; so step ``s`` of both
+  sides trains on the same 32 pairs;
 - the same token ids: prompt with the tokenizer's special tokens (``<bos>``), each response then EOS
   (checked pair by pair against TRL's tokenisation before any step);
 - sigmoid DPO loss, beta 0.1, mean over the 32 pairs of a step; reference = the initial model, frozen;
@@ -102,7 +102,6 @@ def _trl_worker(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     from datasets import Dataset
-    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
@@ -111,8 +110,11 @@ def _trl_worker(spec: dict) -> dict:
     from offpolicy.rollout.model import load_policy
 
     order, held = _pairs_in_order(spec)
+    unique = list({id(p): p for p in order}.values())  # each pair once (TRL tokenizes, precomputes these)
+    index = {id(p): i for i, p in enumerate(unique)}
+    sequence = [index[id(p)] for p in order]  # offpolicy's order, as indices into the data set
     data = Dataset.from_list([{k: v for k, v in pair_row(p).items() if k in ("prompt", "chosen", "rejected")}
-                              for p in order])
+                              for p in unique])
     model, tok = load_policy("bundled")
     model.train()
     args = DPOConfig(
@@ -128,10 +130,10 @@ def _trl_worker(spec: dict) -> dict:
         sync_ref_model=False)
 
     class InOrder(DPOTrainer):
-        """DPOTrainer reading its data set in order (offpolicy's order); nothing else changes."""
+        """DPOTrainer reading its data set in offpolicy's order (epochs included); nothing else changes."""
 
         def _get_train_sampler(self, train_dataset=None):
-            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            return sequence
 
     rec = {"steps": [], "evals": []}
     clock = {"train_s": 0.0}
@@ -140,7 +142,7 @@ def _trl_worker(spec: dict) -> dict:
     rec["init_s"] = time.perf_counter() - t_init  # includes the precompute of reference log-probs when asked
     trainer.remove_callback(PrinterCallback)
     # the same token ids on both sides, pair by pair
-    for row, p in zip(trainer.train_dataset.select(range(min(len(order), 256))), order):
+    for row, p in zip(trainer.train_dataset.select(range(min(len(unique), 256))), unique):
         ids = pair_token_ids(tok, p)
         assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == tuple(ids), (row, ids)
     ref = trainer.ref_model if trainer.ref_model is not None else load_policy("bundled")[0].eval()

@@ -519,6 +519,7 @@ def _stopped(e: BaseException, run_dir=None) -> int | None:
     """Print the message of an error that stops a run cleanly and return the exit code (3 for a fault, 130
     for a signal); None for any other error. ``run_dir``: where to look for the newest checkpoint."""
     from offpolicy.pipeline.asynchronous import ExplorerDied
+    from offpolicy.pipeline.ray_runner import TrainerDied
     from offpolicy.pipeline.resume import RunStopped
     from offpolicy.pipeline.trainer import NumericalFaultError
     from offpolicy.rewards.guard import RewardFaultError
@@ -527,7 +528,7 @@ def _stopped(e: BaseException, run_dir=None) -> int | None:
     if isinstance(e, RunStopped):
         print(f"offpolicy: {e}", file=sys.stderr)
         return 130
-    if not isinstance(e, (RewardFaultError, NumericalFaultError, CheckpointError, ExplorerDied)):
+    if not isinstance(e, (RewardFaultError, NumericalFaultError, CheckpointError, ExplorerDied, TrainerDied)):
         return None
     note = ""
     if isinstance(e, CheckpointError):  # its message says which checkpoint is intact

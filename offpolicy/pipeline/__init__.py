@@ -1,4 +1,4 @@
-"""Runners that wire explorer <-> buffer <-> trainer: ``sync`` and ``async`` (local processes)."""
+"""Runners that wire explorer <-> buffer <-> trainer: ``sync``, ``async`` (local processes) and ``ray``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ def run(cfg, **kwargs):
         from offpolicy.pipeline.asynchronous import run_async
 
         return run_async(cfg, **kwargs)
+    if cfg.pipeline.mode == "ray":
+        from offpolicy.pipeline.ray_runner import run_ray
+
+        return run_ray(cfg, **kwargs)
     from offpolicy.pipeline.sync import run_sync
 
     return run_sync(cfg, **kwargs)

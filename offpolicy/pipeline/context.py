@@ -231,6 +231,14 @@ class RunContext:
     reward_fn: Callable[[str, str], float]
 
 
+def make_optimizer(cfg: Config, model: torch.nn.Module):
+    """(AdamW over the trainable parameters: all, or the LoRA adapter only; its LR schedule)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
+
+
 def bind_algorithm(cfg: Config):
     """The config's algorithm, bound, and its step plan; a wrong preset, parameter name or value, or a
     recipe setting nothing acts on, fails here, before any model is loaded."""
@@ -268,10 +276,7 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
     model, tokenizer = policy_from_config(cfg.model)
     # the initial policy: under LoRA the same model with its adapter off, else a frozen copy
     ref_model = reference_policy(model) if plan.ref_logp != "unused" else None
-    trainable = [p for p in model.parameters() if p.requires_grad]  # all, or the LoRA adapter only
-    opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                            weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
+    opt, sched = make_optimizer(cfg, model)
     if resume:
         run_dir = Path(cfg.run.dir) if run_dir is None else run_dir
     elif run_dir is None:
