@@ -84,6 +84,7 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports,
             t1 = time.perf_counter()
             buffer.put(exps)
             reports.put({"batch": e, "gen_s": gen_s, "explorer_idle_s": wait_s, "weight_load_s": load_s,
+                         "engine_load_s": explorer.engine_load_s,
                          "buffer_put_s": time.perf_counter() - t1, "explore_s": time.perf_counter() - t0,
                          "state": explorer.state_dict()})
             ready.release()

@@ -51,7 +51,8 @@ class Explorer:
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = make_engine(cfg.rollout.engine, model, tokenizer)
+        self.engine = make_engine(cfg.rollout, model, tokenizer, seed=cfg.train.seed)
+        self.engine_load_s = 0.0  # seconds the engine spent loading new weights for the last batch
         self.workflow = build_workflow(cfg.workflow)
         self.tasks = tasks
         self.tasks_consumed = 0
@@ -88,8 +89,11 @@ class Explorer:
 
     def explore(self, batch_index: int, version: int, prompts: int | None = None) -> tuple[list[Experience], float]:
         """(experiences of batch ``batch_index``, generation seconds); ``prompts`` tasks (default
-        ``rollout.prompts_per_step``)."""
+        ``rollout.prompts_per_step``). The engine first serves ``version`` — ``self.model``'s weights, which
+        the runner has brought to that version (an engine with its own copy, vLLM, loads them here, between
+        batches; ``engine_load_s`` is the time that took, not part of the generation seconds)."""
         r = self.cfg.rollout
+        self.engine_load_s = self.engine.update_weights(self.model, version)
         t0 = time.perf_counter()
         tasks = [next(self.tasks) for _ in range(r.prompts_per_step if prompts is None else prompts)]
         self.tasks_consumed += len(tasks)
@@ -109,3 +113,4 @@ class Explorer:
 
     def close(self) -> None:
         self.reward.close()
+        self.engine.close()

@@ -55,7 +55,8 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
                     raise
                 buffer.put(exps)
                 exps = buffer.sample(rows, strategy, now_version=step - 1)
-                timings = {"gen_s": gen_s, "buffer_s": time.perf_counter() - t0 - gen_s}
+                timings = {"gen_s": gen_s, "engine_load_s": explorer.engine_load_s,
+                           "buffer_s": time.perf_counter() - t0 - gen_s - explorer.engine_load_s}
                 loop.step(step, exps, t0, timings, save=save, stop=stop)
             result = loop.finish()
             save(cfg.train.steps, eval_after=result.eval_after)

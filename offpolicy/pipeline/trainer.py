@@ -91,7 +91,7 @@ class TrainLoop:
         self.scorer = GuardedReward.from_config(ctx.reward_fn, self.cfg.reward, on_fault=FirstFaults(
             ctx.run_dir / "reward_faults.log", during="evaluation"))
         # held-out evaluation goes through the run's own engine and workflow, greedily
-        self.engine = make_engine(self.cfg.rollout.engine, ctx.model, ctx.tokenizer)
+        self.engine = make_engine(self.cfg.rollout, ctx.model, ctx.tokenizer, seed=self.cfg.train.seed)
         self.workflow = build_workflow(self.cfg.workflow)
         self.rows = rows_per_step(self.workflow, self.cfg.rollout.prompts_per_step, self.cfg.rollout.group_size)
         self.reincarnation = Reincarnation(ctx, ctx.algo.settings.get("reincarnation_step"))
@@ -132,6 +132,7 @@ class TrainLoop:
         if hasattr(self.workflow, "evaluate"):  # a workflow with its own held-out measure (preference pairs)
             res = self.workflow.evaluate(self.ctx, self.ctx.eval_tasks)
         else:
+            self.engine.update_weights(self.ctx.model, step)  # an engine with its own weight copy (vLLM)
             res = evaluate_workflow(self.ctx.model, self.engine, self.workflow, self.ctx.tokenizer,
                                     self.ctx.eval_tasks, self.scorer, max_new_tokens=self.cfg.rollout.max_new_tokens)
         seconds = time.perf_counter() - t0
@@ -242,6 +243,7 @@ class TrainLoop:
 
     def close(self) -> None:
         self.scorer.close()
+        self.engine.close()
         self.writer.close()
         if self.progress:
             self.progress.stop()

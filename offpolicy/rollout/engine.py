@@ -82,12 +82,28 @@ class RolloutEngine(Protocol):
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
                  stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Rollouts: ...
 
+    def update_weights(self, model, version: int) -> float:
+        """Serve ``model``'s current weights as policy ``version`` from the next :meth:`generate` on; returns
+        the seconds spent loading (0 when the engine already serves that version). Called between batches
+        only, so no batch mixes two versions. An engine that reads ``model`` itself does nothing here."""
+        ...
 
-def make_engine(name: str, model, tokenizer) -> RolloutEngine:
-    """The rollout engine ``rollout.engine`` names, over ``model`` (the explorer's copy of the policy)."""
-    if name not in ENGINES:
-        raise ValueError(f"rollout.engine: unknown engine {name!r}; available: {sorted(ENGINES)}")
-    return ENGINES[name](model, tokenizer)
+    def close(self) -> None:
+        """Release what the engine holds beyond ``model`` (processes, memory)."""
+        ...
+
+
+def make_engine(rollout, model, tokenizer, *, seed: int = 0) -> RolloutEngine:
+    """The rollout engine over ``model`` (the explorer's copy of the policy). ``rollout``: the run's
+    ``RolloutConfig`` (``engine`` names the engine, which reads its own section, e.g. ``rollout.vllm``), or
+    just an engine name for its default settings. ``seed``: for engines that seed themselves."""
+    if isinstance(rollout, str):
+        from offpolicy.config import RolloutConfig
+
+        rollout = RolloutConfig(engine=rollout)
+    if rollout.engine not in ENGINES:
+        raise ValueError(f"rollout.engine: unknown engine {rollout.engine!r}; available: {sorted(ENGINES)}")
+    return ENGINES[rollout.engine](model, tokenizer, rollout=rollout, seed=seed)
 
 
 class HFEngine:
@@ -108,6 +124,16 @@ class HFEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def update_weights(self, model, version: int) -> float:
+        """Nothing to load: this engine samples from ``model`` itself (the explorer's copy of the policy)."""
+        if model is not self.model:
+            raise ValueError("HFEngine.update_weights: the engine samples from its own model; load the new "
+                             "weights into that one")
+        return 0.0
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 8,
@@ -190,6 +216,15 @@ def _per_row(steps: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor
 
 
 
+def _vllm_engine(model, tokenizer, *, rollout, seed: int) -> RolloutEngine:
+    from offpolicy.rollout.vllm_engine import shared_engine  # vLLM is optional: imported only when chosen
+
+    return shared_engine(model, tokenizer, rollout.vllm, seed=seed)
+
+
+# name -> factory(model, tokenizer, *, rollout, seed); each factory reads only its own settings
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {
-    "hf": lambda model, tokenizer: HFEngine(model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id),
+    "hf": lambda model, tokenizer, *, rollout, seed: HFEngine(model, pad_id=tokenizer.pad_token_id,
+                                                              eos_id=tokenizer.eos_token_id),
+    "vllm": _vllm_engine,
 }
