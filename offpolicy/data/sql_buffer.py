@@ -64,6 +64,10 @@ _INDEX = ("CREATE INDEX IF NOT EXISTS experiences_meta ON experiences "
 # index that covers it.
 _ADD_BATCH_INDEX = ("ALTER TABLE experiences ADD COLUMN batch_index BIGINT NOT NULL DEFAULT -1",
                     "DROP INDEX IF EXISTS experiences_meta")
+# Row blobs (token ids, log-probs; ~5 KB for 320 tokens) are stored out of line uncompressed: pglz saves about
+# half the bytes of a row that lives seconds, at a server CPU cost that made a put of 8 such rows ~1.4x slower
+# and a sample ~1.2x slower on this project's machine (docs/scaling.md).
+_PG_BLOB_STORAGE = "ALTER TABLE experiences ALTER COLUMN tensors SET STORAGE EXTERNAL"
 _COUNTERS = ("put", "sampled", "used", "dropped", "evicted", "lock")
 _CHUNK = 500  # values per IN (...) list; SQLite allows 32766 bound parameters, PostgreSQL 65535
 _USED_OR_DROPPED = "CASE WHEN use_count > 0 THEN 'used' ELSE 'dropped' END"
@@ -242,9 +246,12 @@ class _SQLStore:
         # can deadlock with them. Concurrent set-ups are serialised (SQLite: the write lock; PostgreSQL: an
         # advisory lock), so each statement below runs in at most one process.
         with db.setup() as ex:
+            new = not _columns(ex, db.backend, "experiences")
             for sql in _TABLES:
                 ex(sql.format(blob=db.blob))
-            if "batch_index" not in _columns(ex, db.backend, "experiences"):
+            if new and db.backend == "postgresql":
+                ex(_PG_BLOB_STORAGE)
+            elif "batch_index" not in _columns(ex, db.backend, "experiences"):
                 for sql in _ADD_BATCH_INDEX:
                     ex(sql)
             if not _has_index(ex, db.backend, "experiences_meta"):

@@ -62,6 +62,8 @@ def test_round_trip_types_eviction_and_a_failed_put(pg_url):
     types = dict(query(pg_url, "SELECT column_name, data_type FROM information_schema.columns "
                                "WHERE table_name = 'experiences'"))
     assert types["tensors"] == "bytea" and types["seq"] == "bigint" and types["batch_index"] == "bigint"
+    assert query(pg_url, "SELECT attstorage FROM pg_attribute WHERE attrelid = 'experiences'::regclass "
+                         "AND attname = 'tensors'") == [("e",)]  # EXTERNAL: out of line, not compressed
     assert query(pg_url, "SELECT COUNT(*) FROM experiences WHERE group_id = 'g7'") == [(0,)]
     assert query(pg_url, "SELECT COUNT(*), COUNT(DISTINCT eid) FROM retired") == [(14, 14)]
 
