@@ -9,7 +9,8 @@ unchanged says it needs no correction. Three kinds, named by ``opa_dpo.revise.co
   answer ``y_gt`` (on the arithmetic tasks: the wrong digits become the right ones);
 - ``model:DIR``: a stronger model folder revises minimally: it reads ``prompt + y_gen`` (teacher-forced),
   keeps ``y_gen`` up to the first token where its own greedy choice differs, and continues greedily from
-  there (a response it agrees with throughout stays as it is);
+  there (a response it agrees with throughout stays as it is; one the reward judged correct is not sent to
+  it). It works on text, with its own tokenizer, so it need not share the policy's;
 - ``module:fn``: a user function ``fn(prompt, response, answer) -> str | None`` (``answer`` the ground
   truth or None), called per sample; a call that raises leaves that sample out and is counted.
 

@@ -39,11 +39,30 @@ def test_a_failed_stage_resumes_from_the_last_finished_one_and_the_run_improves(
     monkeypatch.undo()  # the rerun must not generate or revise again
     for name in ("generate_stage", "revise_stage"):
         monkeypatch.setattr(opa_dpo, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
+    # ... and this time stage 4 fails after its DPO run has checkpointed (in the greedy evaluation after it)
+    greedy, calls = opa_dpo.greedy_accuracy, []
+
+    def greedy_fails_in_stage4(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the first call is stage 3's
+            raise RuntimeError("stage 4 crashed")
+        return greedy(*a, **k)
+
+    monkeypatch.setattr(opa_dpo, "greedy_accuracy", greedy_fails_in_stage4)
+    with pytest.raises(RuntimeError, match="stage 4 crashed"):
+        main(args)
+    assert [n for n in opa_dpo.STAGES if opa_dpo.stage_done(run_dir / n)] == list(opa_dpo.STAGES[:3])
+    monkeypatch.setattr(opa_dpo, "greedy_accuracy", greedy)
+    monkeypatch.setattr(opa_dpo, "align_stage", lambda *a, **k: pytest.fail("align_stage ran again"))
     assert main(args) == 0
+    assert "stage 4: resuming the DPO run" in (run_dir / "run.log").read_text()
+    from offpolicy.train.metrics import read_metrics
+
+    assert [r["step"] for r in read_metrics(run_dir / "stage4_dpo", "train")] == list(range(1, 61))  # none twice
     assert all(opa_dpo.stage_done(run_dir / name) for name in opa_dpo.STAGES)
     assert {name: (run_dir / name / "DONE.json").stat().st_mtime_ns for name in first} == first
     res = json.loads((run_dir / "result.json").read_text())
-    assert res["resumed"] == ["stage1_generate", "stage2_revise"]
+    assert res["resumed"] == ["stage1_generate", "stage2_revise", "stage3_align"]
     # measured 2026-12-02: greedy 0.44 (base) -> ~0.85 (aligned) -> ~0.8 (DPO); preference accuracy 0.5 -> ~0.9
     assert res["greedy_accuracy"] >= res["greedy_accuracy_base"] + 0.15
     assert res["preference_accuracy"] >= 0.75
