@@ -101,3 +101,26 @@ def test_a_rerun_with_other_settings_is_refused_naming_them(tmp_path):
     (run_dir / "opa_dpo.json").write_text(json.dumps({"raw": raw, "resolved": other.model_dump(mode="json")}))
     with pytest.raises(ConfigError, match=r"train.lr: 0.0001 -> 3e-05"):
         opa_dpo.run_opa_dpo(cfg, raw, echo=False)
+
+
+def test_stage3_under_lora_trains_the_adapter_and_saves_a_merged_plain_folder(tmp_path):
+    import torch
+
+    from offpolicy.data.pairs import Pair
+    from offpolicy.rollout.model import load_policy
+
+    cfg, _ = load_opa_dpo_config(EXAMPLE, ["model.lora.r=4", "opa_dpo.align.steps=5", "opa_dpo.align.lr=1e-2",
+                                           "tasks.eval_size=16"])
+    (tmp_path / "rev").mkdir()
+    (tmp_path / "rev" / "sft.jsonl").write_text("".join(
+        json.dumps({"prompt": p, "response": r, "source": "gt"}) + "\n" for p, r in [("44+29=", "73"), ("48+15=", "63")]))
+    out = tmp_path / "align"
+    out.mkdir()
+    pairs = [Pair("a", "44+29=", "73", "63"), Pair("b", "48+15=", "63", "53")]
+    stats = opa_dpo.align_stage(cfg, tmp_path / "rev", out, lambda s: None, pairs)
+    assert stats["lora"] and (out / "model" / "adapter" / "adapter_config.json").is_file()
+    aligned, _ = load_policy(str(out / "model"))  # a plain folder: no PEFT needed to load it
+    base, _ = load_policy("bundled:tiny-arith")
+    moved = [n for (n, p), q in zip(aligned.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert moved and all("proj" in n for n in moved)  # only the adapted linear layers changed (merged)
+    assert len([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]) == 5
