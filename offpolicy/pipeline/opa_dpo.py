@@ -31,7 +31,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Sequence
@@ -240,6 +240,9 @@ def revise_stage(cfg: OpaDpoConfig, generated: Path, out: Path, log: Callable[[s
         raise RuntimeError(f"stage 2: no training pairs: of {stats['train_revised'] + stats['train_unchanged']} "
                            f"revisable samples none was revised ({stats['train_left_out']} left out); nothing for "
                            "DPO to prefer")
+    if not stats["eval_pairs"] and not cfg.opa_dpo.eval_pairs:
+        raise RuntimeError(f"stage 2: no held-out pairs from the {stats['eval_revised'] + stats['eval_unchanged']} "
+                           "held-out samples (none was revised): raise tasks.eval_size or give opa_dpo.eval_pairs")
     log(f"stage 2: {stats['train_pairs']} training pairs, {stats['eval_pairs']} held-out pairs, "
         f"{stats['sft_rows']} supervised rows ({s.corrector})")
     return stats
@@ -272,9 +275,8 @@ def align_stage(cfg: OpaDpoConfig, revised: Path, out: Path, log: Callable[[str]
     with (out / "metrics.jsonl").open("w") as metrics:
         for step in range(1, a.steps + 1):
             batch = collate(rng.sample(exps, min(a.batch_size, len(exps))), tok.pad_token_id)
-            batch = batch.select(torch.arange(len(batch)))  # a copy we may move
-            for name in ("input_ids_BL", "attn_BL", "mask_BT"):
-                setattr(batch, name, getattr(batch, name).to(device))
+            batch = replace(batch, input_ids_BL=batch.input_ids_BL.to(device), attn_BL=batch.attn_BL.to(device),
+                            mask_BT=batch.mask_BT.to(device))
             logp_BT = response_logp(model, batch, share_prefix=False)[0]
             loss = -(logp_BT * batch.mask_BT).sum() / batch.mask_BT.sum()
             opt.zero_grad(set_to_none=True)
@@ -295,7 +297,9 @@ def align_stage(cfg: OpaDpoConfig, revised: Path, out: Path, log: Callable[[str]
 
 def dpo_config(raw: dict, run_dir: Path, *, eval_pairs: Path, n_eval_pairs: int | None = None) -> Config:
     """Stage 4's ``offpolicy train`` config: the run's settings, with the stage-2 pairs as tasks, the aligned
-    checkpoint as model (and so as reference), and ``run_dir/stage4_dpo`` as run directory."""
+    checkpoint as model (and so as reference), and ``run_dir/stage4_dpo`` as run directory. Of ``rollout``
+    only ``prompts_per_step`` (pairs per step) and ``group_size`` are kept (stage 1's sampling temperature must
+    not temper DPO's log-probs), and ``reward`` is dropped (the pairs workflow scores nothing)."""
     from pydantic import ValidationError
 
     data = json.loads(json.dumps({k: v for k, v in raw.items() if k != "opa_dpo"}))
@@ -305,8 +309,7 @@ def dpo_config(raw: dict, run_dir: Path, *, eval_pairs: Path, n_eval_pairs: int 
                      **({"eval_size": n_eval_pairs} if n_eval_pairs else {})}
     data.setdefault("model", {})["path"] = str(run_dir / STAGES[2] / "model")
     data.setdefault("run", {})["dir"] = str(run_dir / STAGES[3])
-    for section in ("reward",):  # read by stages 1-3 only: the pairs workflow scores nothing
-        data.pop(section, None)
+    data.pop("reward", None)
     rollout = {k: v for k, v in (data.get("rollout") or {}).items() if k in ("prompts_per_step", "group_size")}
     data["rollout"] = rollout
     try:
@@ -366,14 +369,18 @@ class OpaDpoResult:
         return out
 
 
+# settings that change how a run is shown or how fast it goes, not what it computes: a rerun may change them
+_FREE = ("run.progress", "run.log_every", "run.loggers", "run.project", "train.threads")
+
+
 def _changed(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    keys = sorted(set(saved) | set(now))
+    """``key: old -> new`` for every setting (but :data:`_FREE`) that differs."""
     out = []
-    for k in keys:
+    for k in sorted(set(saved) | set(now)):
         a, b = saved.get(k), now.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _changed(a, b, f"{prefix}{k}.")
-        elif a != b:
+        elif a != b and f"{prefix}{k}" not in _FREE:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
 
