@@ -18,10 +18,13 @@ ids and per-token log-probs out; see that module's docstring for ``behav_logp`` 
 - **Seeds.** Each prompt's request gets a seed drawn from the explorer's ``generator`` (vLLM gives the
   ``n`` samples of a request seeds ``seed + i``), so a run is repeatable from the generator's state,
   which checkpoints carry. Without a generator vLLM draws its own.
-- **Weights by version.** :meth:`VLLMEngine.update_weights` sends the full state dict through vLLM's own
-  in-place reload (``Worker.reload_weights`` via ``collective_rpc``: each checkpoint tensor goes through the
-  model's ``load_weights``), then resets the prefix cache (cached KV of the old weights would otherwise be
-  reused). :meth:`generate` is synchronous, so a batch is always served by exactly one version.
+- **Weights by version.** :meth:`VLLMEngine.update_weights` writes the weights as safetensors (in
+  ``/dev/shm``: vLLM's RPC decodes plain values, not tensors) and has vLLM reload them in place through its
+  own path (``Worker.reload_weights`` via ``collective_rpc``: each tensor through the model's
+  ``load_weights`` and the kernel repacking a CPU needs), then resets the prefix cache (cached KV of the
+  old weights would otherwise be reused). :meth:`generate` is synchronous and updates happen between
+  calls, so a batch is always served by exactly one version. The engine's copy has an untied output head
+  (see :func:`_write_weights`).
 - **One engine per policy object** in a process (:func:`shared_engine`): in the synchronous runner the
   explorer and the held-out evaluation hold the same model, and share one engine and its weight version.
 """
@@ -67,7 +70,8 @@ def _engine_args(settings, *, folder: str, dtype: torch.dtype, seed: int, cpu: b
     args = dict(model=folder, skip_tokenizer_init=True, seed=seed, logprobs_mode="processed_logprobs",
                 dtype=_DTYPES[dtype] if settings.dtype == "auto" else settings.dtype,
                 max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
-                enforce_eager=settings.enforce_eager, enable_prefix_caching=settings.enable_prefix_caching)
+                enforce_eager=settings.enforce_eager, enable_prefix_caching=settings.enable_prefix_caching,
+                use_tqdm_on_load=False)  # a progress bar per weight update otherwise
     if kv_gib is not None:
         args["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))
     if not cpu:
