@@ -7,10 +7,11 @@ unchanged says it needs no correction. Three kinds, named by ``opa_dpo.revise.co
 
 - ``ground_truth``: a response the task's reward judges correct stays; any other becomes the ground-truth
   answer ``y_gt`` (on the arithmetic tasks: the wrong digits become the right ones);
-- ``model:DIR``: a stronger model folder revises minimally: it reads ``prompt + y_gen`` (teacher-forced),
-  keeps ``y_gen`` up to the first token where its own greedy choice differs, and continues greedily from
-  there (a response it agrees with throughout stays as it is; one the reward judged correct is not sent to
-  it). It works on text, with its own tokenizer, so it need not share the policy's;
+- ``model:DIR``: a stronger model folder revises minimally: it reads ``prompt + y_gen + EOS``
+  (teacher-forced, in one batched forward), keeps ``y_gen`` up to the first token where its own greedy
+  choice differs, and continues greedily from there (a response it agrees with throughout, EOS included,
+  stays as it is; one it would extend is extended; one the reward judged correct is not sent to it). It
+  works on text, with its own tokenizer, so it need not share the policy's;
 - ``module:fn``: a user function ``fn(prompt, response, answer) -> str | None`` (``answer`` the ground
   truth or None), called per sample; a call that raises leaves that sample out and is counted.
 
@@ -105,21 +106,24 @@ class ModelCorrector:
 
         tok = self.tokenizer
         prompts = [encode_prompt_text(tok, it.prompt) for it in items]
-        responses = [tok(it.response, add_special_tokens=False)["input_ids"] for it in items]
-        keep = []  # tokens of y_gen the expert agrees with, from the start
+        # y_gen's tokens then EOS: a response the expert would go on writing is not "agreed" either
+        responses = [tok(it.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for it in items]
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, x in enumerate(seqs):  # right-padded: the positions of the real tokens are 0..len-1
+            ids[i, : len(x)], attn[i, : len(x)] = torch.tensor(x), 1
         with torch.no_grad():
-            for p, r in zip(prompts, responses):
-                if not r:
-                    keep.append(0)
-                    continue
-                ids = torch.tensor([p + r], device=self.model.device)
-                greedy = self.model(input_ids=ids).logits[0, len(p) - 1 : -1].argmax(-1).tolist()
-                agree = [g == t for g, t in zip(greedy, r)]
-                keep.append(agree.index(False) if False in agree else len(r))
-        engine = HFEngine(self.model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
-        todo = [j for j, (k, r) in enumerate(zip(keep, responses)) if k < len(r) or not r]
+            greedy = self.model(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device)
+                                ).logits.argmax(-1).cpu()
+        keep = []  # how many tokens of y_gen (+ EOS) the expert's own greedy choices agree with, from the start
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            agree = (greedy[i, len(p) - 1 : len(p) + len(r) - 1] == torch.tensor(r)).tolist()
+            keep.append(agree.index(False) if False in agree else len(r))
+        todo = [j for j, (k, r) in enumerate(zip(keep, responses)) if k < len(r)]
         revised: dict[int, str] = {}
         if todo:
+            engine = HFEngine(self.model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
             ro = engine.generate([prompts[j] + responses[j][: keep[j]] for j in todo],
                                  max_new_tokens=self.max_new_tokens, greedy=True)
             for j, cont in zip(todo, ro.response_ids):

@@ -48,6 +48,9 @@ def test_a_stronger_model_keeps_the_prefix_it_agrees_with_and_continues_greedily
     two = [(t, g) for t, g in zip(tasks, greedy) if len(g) >= 2][0]
     slip = two[1][0] + str((int(two[1][1]) + 1) % 10) + "0"
     assert corrector([Revisable(two[0].prompt, slip, two[0].answer, False)]) == [two[1]]
+    # a response cut short, which the expert would go on writing, is extended: y_gen "7" for greedy "73"
+    cut = [(t, g) for t, g in zip(tasks, greedy) if len(g) >= 2][0]
+    assert corrector([Revisable(cut[0].prompt, cut[1][:-1], cut[0].answer, False)]) == [cut[1]]
     assert torch.is_grad_enabled()
 
 
