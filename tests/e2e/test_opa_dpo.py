@@ -124,3 +124,14 @@ def test_stage3_under_lora_trains_the_adapter_and_saves_a_merged_plain_folder(tm
     moved = [n for (n, p), q in zip(aligned.named_parameters(), base.parameters()) if not torch.equal(p, q)]
     assert moved and all("proj" in n for n in moved)  # only the adapted linear layers changed (merged)
     assert len([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]) == 5
+
+
+def test_opa_dpo_run_gives_a_benchmark_its_numbers(tmp_path):
+    tiny = ["opa_dpo.generate.prompts=64", "tasks.eval_size=32", "opa_dpo.align.steps=2", "train.steps=2",
+            "rollout.prompts_per_step=8", "eval.every=0", "train.threads=1"]
+    r = opa_dpo.opa_dpo_run(EXAMPLE, seed=3, overrides=tiny, run_dir=tmp_path / "b")
+    for key in ("greedy_accuracy", "preference_accuracy", "greedy_accuracy_base", "greedy_accuracy_aligned",
+                "pair_accuracy", "pair_accuracy_base", "seconds"):
+        assert 0 <= r[key] <= (1 if key != "seconds" else 1e6), key
+    saved = json.loads((tmp_path / "b" / "opa_dpo.json").read_text())
+    assert saved["resolved"]["train"]["seed"] == 3 and r["run_dir"] == str(tmp_path / "b")
