@@ -1,6 +1,7 @@
 """pipeline.mode=ray on a local Ray instance (2 CPUs): equivalence with sync at staleness 0, the staleness
 schedule across N explorers, an explorer actor killed mid-run, a stop and ``--resume``, and a data-parallel
-trainer group (train.workers=2) on gloo."""
+trainer group (train.workers=2) on gloo. Each run starts its actors (~10-30 s on 2 busy cores): all but the
+first test are marked slow (``pytest -m slow tests/pipeline/test_ray.py``)."""
 
 import os
 import signal
@@ -83,8 +84,8 @@ def _check_ledger(run_dir: Path, steps: int) -> dict:
 
 
 def test_one_explorer_at_staleness_zero_equals_sync(tmp_path):
-    a = _run(tmp_path, "sync", "train.steps=12")
-    b = _run(tmp_path, "ray", "train.steps=12", "pipeline.mode=ray")
+    a = _run(tmp_path, "sync", "train.steps=12", "tasks.eval_size=16")
+    b = _run(tmp_path, "ray", "train.steps=12", "tasks.eval_size=16", "pipeline.mode=ray")
     ra, rb = read_metrics(a), read_metrics(b)
     assert len(ra) == len(rb) == 12 + 3  # 12 train records; evaluations at steps 0, 10 and 12
     assert _comparable(ra) == _comparable(rb)
@@ -94,6 +95,7 @@ def test_one_explorer_at_staleness_zero_equals_sync(tmp_path):
     assert all(r["staleness_max"] == 0 and r["explorer_count/0"] == ROWS for r in train)
 
 
+@pytest.mark.slow
 def test_two_explorers_with_sync_offset_keep_staleness_in_bounds(tmp_path):
     n, steps = 2, 8
     d = _run(tmp_path, "offset", f"train.steps={steps}", "pipeline.mode=ray", "pipeline.explorers=2",
@@ -107,6 +109,7 @@ def test_two_explorers_with_sync_offset_keep_staleness_in_bounds(tmp_path):
     assert all(e.fate == "used" for e in ledger.values())  # nothing generated too stale to train (dropped)
 
 
+@pytest.mark.slow
 def test_killed_explorer_and_a_stop_then_resume_lose_nothing(tmp_path):
     """Two explorers at sync_offset=1: SIGKILL one after step 3 (restarted, its unfinished shards
     regenerated), SIGINT the run after step 8 (checkpoint, RunStopped), resume it to the end. The
@@ -139,6 +142,7 @@ def test_killed_explorer_and_a_stop_then_resume_lose_nothing(tmp_path):
     _check_ledger(run_dir, steps)
 
 
+@pytest.mark.slow
 def test_two_trainer_workers_train_like_one(tmp_path):
     """train.workers=2 (a gloo group: this process and one actor) logs the losses of one worker."""
     one = _run(tmp_path, "w1", "train.steps=3", "pipeline.mode=ray", "eval.every=0")
