@@ -17,8 +17,8 @@ transaction committed before the lock was granted (at REPEATABLE READ or SERIALI
 ``UPDATE`` would fail with a serialisation error instead); reads (``stats``, ``ledger``, ...) take one
 REPEATABLE READ snapshot, so their several statements agree. One lock rather than row locks
 (``FOR UPDATE SKIP LOCKED``): a strategy chooses among all stored groups (staleness, priority, mixes) and
-needs one consistent view of them, and a put's eviction plan needs the same; the critical section is a few
-milliseconds (docs/scaling.md measures it against the number of writers). Creating the tables is
+needs one consistent view of them, and a put's eviction plan needs the same; the critical section is one
+transaction of a few statements (docs/scaling.md measures it against the number of writers). Creating the tables is
 serialised by an advisory lock, as ``CREATE TABLE IF NOT EXISTS`` races between processes on PostgreSQL.
 A bare ``postgresql://`` URL uses psycopg 3 (``postgresql+psycopg://``, the driver ``offpolicy[sql]``
 installs); name another driver in the URL to use it (``postgresql+psycopg2://``).
@@ -270,7 +270,7 @@ class _SQLStore:
         rows = [_encode(e) for e in exps]  # serialise before taking the lock
         with self._db.transaction() as ex:
             self._check_new(ex, list(new), [e.eid for e in exps])
-            # no capacity, nothing to evict: skip the scan of every stored group (it is the costly part of a put)
+            # no capacity, nothing to evict: skip the scan of every stored group (it grows with the backlog)
             groups = self._groups(ex) if self.capacity is not None else []
             evict = plan_eviction(groups, len(exps), self.capacity, self.eviction)
             self._bump(ex, "evicted", self._retire(ex, evict, "'evicted'"))
