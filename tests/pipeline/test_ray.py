@@ -74,12 +74,14 @@ def _when_trained(run_dir: Path, steps: int, action, timeout: float = 240.0) -> 
     return t
 
 
-def _check_ledger(run_dir: Path, steps: int) -> dict:
+def _check_ledger(run_dir: Path, steps: int, *, failed_steps: int = 0) -> dict:
+    """Nothing handed out twice, every step trained on one full batch. ``failed_steps``: steps whose batch
+    was taken (``used``) by a training step that died; the resumed run trains a regenerated batch."""
     ledger = SQLiteBuffer(run_dir / "buffer.db").ledger()
     fates = [e.fate for e in ledger.values()]
     assert set(fates) <= {"used", "dropped", "available"}
     assert all(e.use_count <= 1 for e in ledger.values())  # nothing handed out twice
-    assert fates.count("used") == steps * ROWS  # every step trained one full batch, nothing lost
+    assert fates.count("used") == (steps + failed_steps) * ROWS  # nothing lost
     return ledger
 
 
@@ -152,3 +154,34 @@ def test_two_trainer_workers_train_like_one(tmp_path):
     for a, b in zip(r1, r2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_dead_trainer_worker_stops_with_a_checkpoint_and_resumes(tmp_path):
+    """SIGKILL the trainer group's rank 1 after step 3: the run stops (TrainerDied) with a checkpoint of the
+    last completed step, and ``--resume`` (a new group) finishes the run with nothing trained twice."""
+    from offpolicy.pipeline.ray_runner import TrainerDied
+    from offpolicy.train.checkpoint import latest_checkpoint
+
+    steps = 10
+    args = [f"train.steps={steps}", "pipeline.mode=ray", "train.workers=2", "eval.every=0", "tasks.eval_size=8"]
+    run_dir = tmp_path / "run"
+
+    def kill_rank_1():
+        for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if cmd.read_bytes().startswith(b"ray::TrainerWorker"):
+                    os.kill(int(cmd.parent.name), signal.SIGKILL)
+            except OSError:
+                continue
+
+    killer = _when_trained(run_dir, 3, kill_rank_1)
+    with pytest.raises(TrainerDied):
+        _run(tmp_path, "run", *args)
+    killer.join()
+    done = read_metrics(run_dir, "train")[-1]["step"]
+    assert 3 <= done < steps
+    assert latest_checkpoint(run_dir).name == f"step-{done:08d}"  # the last step whose record was written
+    _run(tmp_path, "run", *args, resume=True)
+    assert [r["step"] for r in read_metrics(run_dir, "train")] == list(range(1, steps + 1))
+    _check_ledger(run_dir, steps, failed_steps=1)
