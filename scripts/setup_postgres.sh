@@ -19,7 +19,7 @@
 # Exit status 3: PostgreSQL is missing and cannot be installed here (callers skip on it).
 set -euo pipefail
 
-die() { echo "setup_postgres: $*" >&2; exit "${2:-1}"; }
+die() { echo "setup_postgres: $1" >&2; exit "${2:-1}"; }
 
 find_bindir() {
   local d
