@@ -10,12 +10,13 @@
 # ("operator torchvision::nms does not exist"), which breaks `import vllm`; nothing here needs them, so
 # they are removed. On a GPU machine install `offpolicy[vllm]` into a venv of your own instead.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+SCRIPT="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
+cd "$(dirname "$SCRIPT")/.."
 PYTHON="${PYTHON:-python3}"
 VENV="${VLLM_VENV:-.venv-vllm}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 STAMP="$VENV/.installed"
-if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt "$0" ]]; then
+if [[ -f "$STAMP" && "$STAMP" -nt pyproject.toml && "$STAMP" -nt "$SCRIPT" ]]; then
   exit 0
 fi
 start=$(date +%s)
