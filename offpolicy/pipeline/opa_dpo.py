@@ -153,10 +153,11 @@ def generate_stage(cfg: OpaDpoConfig, out: Path, log: Callable[[str], None]) -> 
     train_iter, eval_tasks = task_source(cfg, tok, report=log)
     train_tasks = list(islice(train_iter, cfg.opa_dpo.generate.prompts))
     scorer = GuardedReward.from_config(reward_function(cfg), cfg.reward)
-    engine = make_engine(cfg.rollout.engine, model, tok)
+    engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     stats = {}
     try:
+        engine.update_weights(model, 0)  # an engine with its own copy (vLLM) serves this policy
         for split, tasks in (("train", train_tasks), ("eval", eval_tasks)):
             rows = _sample(engine, tok, tasks, scorer, cfg, gen)
             _write_jsonl(out / f"{split}.jsonl", rows)
@@ -164,6 +165,7 @@ def generate_stage(cfg: OpaDpoConfig, out: Path, log: Callable[[str], None]) -> 
             stats[f"{split}_sample_accuracy"] = sum(row["correct"] for row in rows) / max(len(rows), 1)
     finally:
         scorer.close()
+        engine.close()
     stats["greedy_accuracy"] = greedy_accuracy(model, tok, cfg, eval_tasks)
     log(f"stage 1: {stats['train_samples']} training samples ({stats['train_sample_accuracy']:.3f} correct), "
         f"{stats['eval_samples']} held-out; base policy held-out greedy accuracy {stats['greedy_accuracy']:.3f}")
