@@ -2,17 +2,17 @@
 
     python benchmarks/preference_compare.py --seeds 0 1 2 --steps 200 --out benchmarks/out/preference_compare
 
-Every method trains the bundled arithmetic model with the library's defaults (AdamW lr 3e-4, 32 prompts
-or pairs per step) for ``--steps`` optimiser steps, and is scored the same way at the end: greedy accuracy
-on the 512 held-out arithmetic tasks (``offpolicy eval``'s measure). What each step consumes differs, and
-that is the point of the comparison:
+Every method trains the bundled arithmetic model for ``--steps`` optimiser steps of 32 prompts or pairs
+(AdamW), and is scored the same way at the end: greedy accuracy on the 512 held-out arithmetic tasks
+(``offpolicy eval``'s measure). What each step consumes differs, and that is the point of the comparison.
+Each method runs with the settings its docs recommend:
 
-- ``grpo``: 32 tasks x 8 on-policy samples, rule reward (the demo);
-- ``online_dpo``: the same sampling, one (best, worst) pair per task (``algorithm.preset=online_dpo``);
+- ``grpo``: 32 tasks x 8 on-policy samples, rule reward, lr 3e-4 (the demo);
+- ``online_dpo``: the same sampling, one (best, worst) pair per task, beta 0.1, lr 3e-4 (the preset);
 - ``dpo``: 32 offline pairs per step from a file (correct answer > a wrong one, ``offpolicy.data.pairs``),
-  nothing sampled;
-- ``opa_dpo``: OPA-DPO's four stages (``offpolicy opa-dpo``): 2,000 sampled answers, revised by the ground
-  truth, 100 steps of supervised alignment, then ``--steps`` DPO steps from the aligned policy.
+  nothing sampled, beta 0.1, lr 1e-4 (docs/preferences.md: the best of the measured settings);
+- ``opa_dpo``: ``examples/opa_dpo_tiny.yaml``: 2,000 sampled answers, revised by the ground truth, 100
+  steps of supervised alignment, then ``--steps`` DPO steps (beta 2.0, lr 3e-5) from the aligned policy.
 
 Writes ``results.json`` (every run), ``summary.md`` (mean +- std over seeds, seconds) and
 ``preference_compare.png`` (held-out accuracy per method and seed) under ``--out``.
@@ -29,6 +29,7 @@ from pathlib import Path
 
 METHODS = ("grpo", "online_dpo", "dpo", "opa_dpo")
 COMMON = ["run.loggers=[]", "run.progress=false", "train.threads=2", "eval.every=0"]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _greedy(model_dir: Path, seed: int) -> float:
@@ -64,12 +65,13 @@ def run_method(method: str, seed: int, steps: int, out: Path, pairs: tuple[Path,
         acc = {"greedy_before": r["before"], "greedy_after": r["after"]}
     elif method == "dpo":
         r = _train([*base, "algorithm.preset=dpo", "tasks.name=pairs", f"tasks.train_path={pairs[0]}",
-                    f"tasks.eval_path={pairs[1]}"])
+                    f"tasks.eval_path={pairs[1]}", "train.lr=1e-4"])
         acc = {"preference_after": r["after"], "greedy_after": _greedy(run_dir / "final", seed)}
     elif method == "opa_dpo":
         from offpolicy.pipeline.opa_dpo import opa_dpo_run
 
-        r = opa_dpo_run(seed=seed, overrides=[*COMMON, f"train.steps={steps}"], run_dir=run_dir)
+        r = opa_dpo_run(EXAMPLES / "opa_dpo_tiny.yaml", seed=seed, overrides=[*COMMON, f"train.steps={steps}"],
+                        run_dir=run_dir)
         acc = {"greedy_before": r["greedy_accuracy_base"], "greedy_aligned": r["greedy_accuracy_aligned"],
                "greedy_after": r["greedy_accuracy"], "preference_after": r["preference_accuracy"]}
     else:
