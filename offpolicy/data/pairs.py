@@ -334,7 +334,10 @@ def pair_token_ids(tokenizer, pair: Pair) -> PairIds:
     only map to an unknown token that is also its padding token (the bundled tokenizer's). A pair that
     :func:`encode_pairs` encoded with this tokenizer is not encoded again (the lists are shared: do not
     modify them)."""
-    hit = _ENCODED.get(tokenizer, {}).get(id(pair))
+    try:
+        hit = _ENCODED.get(tokenizer, {}).get(id(pair))
+    except TypeError:  # a tokenizer that takes no weak reference (a stand-in in a test) has no cache
+        hit = None
     if hit is not None and hit[0] is pair and hit[1] == getattr(tokenizer, "chat_template", None):
         return hit[2]
     return _encode(tokenizer, pair)
@@ -346,7 +349,10 @@ def encode_pairs(tokenizer, pairs: Sequence[Pair]) -> None:
     the ids for :func:`pair_token_ids`. Plain pairs are tokenized in three batched calls (the same ids as
     one call per text: tested)."""
     template = getattr(tokenizer, "chat_template", None)
-    memo = _ENCODED.setdefault(tokenizer, {})
+    try:
+        memo = _ENCODED.setdefault(tokenizer, {})
+    except TypeError:  # no weak reference to it: encode (check) all the same, keep nothing
+        memo = {}
     plain = [p for p in pairs if not (p.conversational and template)]
     if plain:
         texts = [_plain_texts(p) for p in plain]

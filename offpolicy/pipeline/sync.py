@@ -18,10 +18,11 @@ from offpolicy.pipeline.explorer import Explorer, RewardFaultError
 from offpolicy.pipeline.replay import apply_preset_defaults, fresh_prompts, sample_strategy
 from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
 from offpolicy.pipeline.trainer import RunResult, TrainLoop
+from offpolicy.train.step import train_step
 
 
 def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,
-             log=print) -> RunResult:
+             log=print, step_fn=train_step) -> RunResult:
     """Train up to ``cfg.train.steps`` steps, evaluating at the start, every ``cfg.eval.every`` steps and at the end."""
     cfg = apply_preset_defaults(cfg)
     ctx = build_context(cfg, run_dir, resume=resume)
@@ -35,7 +36,7 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
         state = restore_run(ctx, strategy=strategy, buffer=buffer)
         explorer.load_state_dict(state["explorer"])
         log(f"resuming from step {state['step']} ({state['path']})")
-    loop = TrainLoop(ctx, strategy, progress=progress, resumed=state)
+    loop = TrainLoop(ctx, strategy, progress=progress, resumed=state, step_fn=step_fn)
     rows = loop.rows
 
     def save(step: int, explorer_state: dict | None = None, eval_after: dict | None = None) -> None:

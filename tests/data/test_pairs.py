@@ -281,3 +281,25 @@ def test_csv_text_rows_with_a_margin_column(tmp_path):
     a, b = load_pairs(f)
     assert (a.prompt, a.chosen, a.rejected, a.margin, a.where) == ("2+3=", "5", "6", 1.5, f"{f}:2")
     assert b.margin is None and b.chosen == "2"
+
+
+def test_a_tokenizer_without_weak_references_is_encoded_uncached():
+    """A stand-in tokenizer (no __weakref__) still encodes; nothing is cached for it."""
+    from offpolicy.data.pairs import encode_pairs
+
+    class Stub:
+        __slots__ = ("inner",)
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name) if name != "inner" else None
+
+        def __call__(self, *a, **kw):
+            return self.inner(*a, **kw)
+
+    tok = load_tokenizer(BUNDLED)
+    pairs = arithmetic_pairs("eval", 4)
+    encode_pairs(Stub(tok), pairs)
+    assert [pair_token_ids(Stub(tok), p) for p in pairs] == [pair_token_ids(tok, p) for p in pairs]
