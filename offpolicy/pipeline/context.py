@@ -232,11 +232,29 @@ class RunContext:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module):
-    """(AdamW over the trainable parameters: all, or the LoRA adapter only; its LR schedule)."""
+    """(AdamW over the trainable parameters: all, or the LoRA adapter only; its LR schedule).
+
+    ``train.optimizer_impl`` picks torch's implementation (the same update to float rounding): 'auto' = the
+    fused kernel where torch has one for the parameters' device and dtype, else foreach."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                            weight_decay=cfg.train.weight_decay)
+    impl = cfg.train.optimizer_impl
+    if impl == "auto":
+        impl = "fused" if fused_adamw_supported(trainable) else "foreach"
+    kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    try:
+        opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                weight_decay=cfg.train.weight_decay, **kw)
+    except RuntimeError as e:  # fused asked for on a device / dtype torch has no kernel for
+        raise ConfigError(f"train.optimizer_impl={impl}: {e}") from None
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
+
+
+def fused_adamw_supported(params) -> bool:
+    """Whether torch has a fused AdamW kernel for every parameter's device and floating dtype."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    devices = set(_get_fused_kernels_supported_devices())
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
 
 
 def bind_algorithm(cfg: Config):
@@ -275,6 +293,10 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
     seed_everything(cfg.train.seed)
     model, tokenizer = policy_from_config(cfg.model)
     # the initial policy: under LoRA the same model with its adapter off, else a frozen copy
+    if cfg.train.compile:  # before the reference copy, which then runs compiled as well
+        from offpolicy.train.step import compile_forward
+
+        compile_forward(model)
     ref_model = reference_policy(model) if plan.ref_logp != "unused" else None
     opt, sched = make_optimizer(cfg, model)
     if resume:

@@ -22,7 +22,9 @@ Greedy decoding records the untempered log-prob of the argmax token (it is used 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -107,19 +109,73 @@ def make_engine(rollout, model, tokenizer, *, seed: int = 0) -> RolloutEngine:
 
 
 class HFEngine:
-    """Sampling engine over a ``transformers`` causal LM (CPU or CUDA)."""
+    """Sampling engine over a ``transformers`` causal LM (CPU or CUDA).
 
-    def __init__(self, model, *, pad_id: int, eos_id: int):
+    ``kv_cache``: 'dynamic' (the cache grows by one column per token) or 'static' (transformers'
+    ``StaticCache``, preallocated to the prompt + ``max_new_tokens``, rounded up to a multiple of 16 so a
+    compiled decode step sees few shapes). ``compile_decode``: run the one-token decode forward through
+    ``torch.compile`` (static cache only). Either falls back to the dynamic path, once and with a warning,
+    where the model's cache cannot do it. Same numerics and random stream in every mode: the prompt forward
+    is identical and the decode forwards equal to float rounding (the static cache's masked slots add
+    nothing to the attention).
+    """
+
+    def __init__(self, model, *, pad_id: int, eos_id: int, kv_cache: str = "dynamic", compile_decode: bool = False):
+        if kv_cache not in ("dynamic", "static"):
+            raise ValueError(f"kv_cache must be 'dynamic' or 'static', got {kv_cache!r}")
+        if compile_decode and kv_cache != "static":
+            raise ValueError("compile_decode needs kv_cache='static' (a growing cache changes shape every token)")
         self.model = model
         self.pad_id = pad_id
         self.eos_id = eos_id
+        self.kv_cache = kv_cache
+        self.compile_decode = compile_decode
         self._cache_kw = _cache_keyword(model)
+        self._decode = None  # the compiled decode forward, built on first use
 
     def _forward(self, ids, attn, pos, cache=None):
         kw = {self._cache_kw: cache} if cache is not None else {}
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                         logits_to_keep=1, **kw)
+        # a forward compiled for training (train.compile) runs eagerly here: decode shapes would recompile it
+        with _eager():
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                             logits_to_keep=1, **kw)
         return getattr(out, self._cache_kw), out.logits[:, -1].float()
+
+    def _decode_step(self, ids, attn, pos, cache):
+        """One token per row on the static cache (updated in place), compiled when asked."""
+        if not self.compile_decode:
+            return self._forward(ids, attn, pos, cache)[1]
+        if self._decode is None:
+            model, kw = self.model, self._cache_kw
+
+            def step(ids, attn, pos, cache):
+                out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                            **{kw: cache})
+                return out.logits[:, -1].float()
+
+            self._decode = torch.compile(step, dynamic=False)
+        return self._decode(ids, attn, pos, cache)
+
+    def _static_cache(self, cache, max_len: int):
+        """A ``StaticCache`` of ``max_len`` slots holding ``cache``'s keys and values (None: not possible)."""
+        try:
+            from transformers import StaticCache
+
+            layers = getattr(cache, "layers", None)
+            if not layers or not all(hasattr(layer, "keys") for layer in layers):
+                return None
+            static = StaticCache(config=self.model.config, max_cache_len=max_len)
+            if len(static.layers) != len(layers) or not all(type(s).__name__ == "StaticLayer" for s in static.layers):
+                return None  # sliding-window or hybrid layers: keep the dynamic path
+            for s, d in zip(static.layers, layers):
+                s.update(d.keys, d.values)  # allocates (B, H, max_len, D) and copies the prompt's slots
+            return static
+        except Exception as e:  # noqa: BLE001 - any model / transformers version that cannot: fall back
+            if not getattr(self, "_warned", False):
+                warnings.warn(f"HFEngine: no static KV cache for {type(self.model).__name__} ({type(e).__name__}: "
+                              f"{e}); decoding with the dynamic cache")
+                self._warned = True
+            return None
 
     @property
     def device(self) -> torch.device:
@@ -147,26 +203,38 @@ class HFEngine:
         if top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
         truncate = not greedy and (top_k > 0 or top_p < 1.0)
+        device = self.device
         ids, attn = _left_pad(prompts, self.pad_id)
-        ids, attn = ids.to(self.device), attn.to(self.device)
+        ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         # each prompt is run once; its KV cache and last logits are then indexed out to its n rows
         cache, logits = self._forward(ids, attn, pos)
         if n > 1:
-            rows = torch.arange(len(prompts), device=self.device).repeat_interleave(n)
+            rows = torch.arange(len(prompts), device=device).repeat_interleave(n)
             if hasattr(cache, "batch_select_indices"):
                 cache.batch_select_indices(rows)
                 attn, pos, logits = attn[rows], pos[rows], logits[rows]
             else:  # a cache type that cannot be indexed: run every row
                 ids, attn, pos = ids[rows], attn[rows], pos[rows]
                 cache, logits = self._forward(ids, attn, pos)
-        B = attn.shape[0]
+        B, P = attn.shape
+        # the mask of every position the responses may reach, preallocated: column P + t opens at step t
+        # (a dynamic cache reads the first P + t + 1 columns, a static one all of them)
+        L = P + max_new_tokens if self.kv_cache == "dynamic" else -(-(P + max_new_tokens) // 16) * 16
+        static = self._static_cache(cache, L) if self.kv_cache == "static" and max_new_tokens > 1 else None
+        if static is not None:
+            cache = static
+        attn_BL = torch.zeros((B, L), dtype=attn.dtype, device=device)
+        attn_BL[:, :P] = attn
         next_pos = pos[:, -1:] + 1
         tokens, logps, engine_logps = [], [], []
-        done = torch.zeros(B, dtype=torch.bool, device=self.device)
-        eos = torch.zeros(B, dtype=torch.bool, device=self.device)
-        stops = torch.tensor([self.eos_id, *stop_ids], device=self.device)
-        alive_steps = torch.zeros(B, dtype=torch.long, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        eos = torch.zeros(B, dtype=torch.bool, device=device)
+        stops = torch.tensor([self.eos_id, *stop_ids], device=device)
+        alive_steps = torch.zeros(B, dtype=torch.long, device=device)
+        pad = torch.full((B,), self.pad_id, dtype=torch.long, device=device)
+        # "all rows done?" is a device-to-host copy: free on CPU, a sync on an accelerator (checked every 8 tokens)
+        every = 1 if device.type == "cpu" else 8
         for t in range(max_new_tokens):
             scaled = logits if greedy else logits / temperature
             sample_from = scaled
@@ -177,21 +245,24 @@ class HFEngine:
             behav_BV = sample_from.log_softmax(-1)  # mu: renormalised over the kept tokens
             if greedy:
                 tok = behav_BV.argmax(-1)
-            else:
+            else:  # the generator is a CPU one (its stream decides the samples): on CPU .cpu() is free
                 probs = sample_from.softmax(-1)
-                tok = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(self.device)
+                tok = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(device)
             logps.append(_picked(behav_BV, tok, done))
             if truncate:
                 engine_logps.append(_picked(scaled.log_softmax(-1), tok, done))
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            tok = torch.where(done, pad, tok)
             tokens.append(tok)
             alive_steps += (~done).long()
-            eos = eos | (~done & (tok == self.eos_id))
+            eos |= ~done & (tok == self.eos_id)
             done = done | torch.isin(tok, stops)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
                 break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=self.device)], dim=1)
-            cache, logits = self._forward(tok[:, None], attn, next_pos, cache)
+            attn_BL[:, P + t] = 1
+            if static is not None:
+                logits = self._decode_step(tok[:, None], attn_BL, next_pos, cache)
+            else:
+                cache, logits = self._forward(tok[:, None], attn_BL[:, : P + t + 1], next_pos, cache)
             next_pos = next_pos + 1
         lengths = alive_steps.cpu().tolist()
         return Rollouts(
@@ -201,6 +272,12 @@ class HFEngine:
             finished=eos.cpu().tolist(),
             engine_logp=_per_row(engine_logps, lengths) if truncate else None,
         )
+
+
+def _eager():
+    """Run compiled functions eagerly inside (``torch.compiler.set_stance``; a no-op where it is missing)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 def _picked(logp_BV: torch.Tensor, tok_B: torch.Tensor, done_B: torch.Tensor) -> torch.Tensor:
@@ -224,7 +301,8 @@ def _vllm_engine(model, tokenizer, *, rollout, seed: int) -> RolloutEngine:
 
 # name -> factory(model, tokenizer, *, rollout, seed); each factory reads only its own settings
 ENGINES: dict[str, Callable[..., RolloutEngine]] = {
-    "hf": lambda model, tokenizer, *, rollout, seed: HFEngine(model, pad_id=tokenizer.pad_token_id,
-                                                              eos_id=tokenizer.eos_token_id),
+    "hf": lambda model, tokenizer, *, rollout, seed: HFEngine(
+        model, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, kv_cache=rollout.kv_cache,
+        compile_decode=rollout.compile_decode),
     "vllm": _vllm_engine,
 }

@@ -132,15 +132,43 @@ def policy_from_config(model_cfg, *, training: bool = True):
     return model, tokenizer
 
 
+def bf16_matmul_units(device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: CUDA with bf16 support; an x86 CPU with
+    AMX-bf16 or AVX512-bf16, an Arm CPU with the BF16 extension (read from /proc/cpuinfo's flags, so a CPU that
+    only emulates bf16, as AVX2 does, counts as not having them; False where the flags cannot be read)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
 def enable_autocast(model, dtype: str) -> None:
     """Mixed precision: run ``model``'s forward under ``torch.autocast`` in ``dtype`` (its parameters keep
     their own dtype: float32 master weights, bf16 matmuls). The log-probs are upcast to float32 by the
-    callers, as for a bf16 model."""
+    callers, as for a bf16 model. ``dtype='auto'``: bfloat16 where :func:`bf16_matmul_units` finds them on the
+    model's device, else nothing is changed."""
     import types
 
     import torch
 
     device_type = next(model.parameters()).device.type
+    if dtype == "auto":
+        if not bf16_matmul_units(next(model.parameters()).device):
+            return
+        dtype = "bfloat16"
     forward = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))(type(model).forward)
     # bound as a method, so that copy.deepcopy (the KL reference, ReMix's pi_{k-1}) rebinds it to the copy
     model.forward = types.MethodType(forward, model)

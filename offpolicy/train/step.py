@@ -16,7 +16,7 @@ from offpolicy.data.experience import Batch
 from offpolicy.train.algorithm import Algorithm
 from offpolicy.train.plan import StepPlan
 
-__all__ = ["Algorithm", "StepPlan", "response_logp", "train_step"]
+__all__ = ["Algorithm", "StepPlan", "compile_forward", "response_logp", "train_step"]
 
 
 def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False,
@@ -54,6 +54,19 @@ def response_logp(model, batch: Batch, *, temperature: float = 1.0, with_entropy
     logp_BT = logits_BTV.log_softmax(-1).gather(-1, batch.response_ids_BT.unsqueeze(-1)).squeeze(-1)
     entropy_BT = entropy_from_logits(logits_BTV) if with_entropy else None
     return logp_BT, entropy_BT
+
+
+def compile_forward(model) -> None:
+    """Run ``model``'s forward through ``torch.compile`` with dynamic shapes (the prompt and response lengths
+    of a batch vary, so a static compile would recompile on every new length). The forward is replaced on
+    the instance as a bound method over the compiled function, on top of whatever forward it had (mixed
+    precision's autocast wrapper included), so ``copy.deepcopy`` (the KL reference, pi_{k-1}) rebinds it to
+    the copy. The rollout engine runs such a forward eagerly (its decode shapes would recompile it)."""
+    import types
+
+    current = model.forward
+    fn = current.__func__ if isinstance(current, types.MethodType) else type(model).forward
+    model.forward = types.MethodType(torch.compile(fn, dynamic=True), model)
 
 
 def _cache_type():
