@@ -206,6 +206,10 @@ def _cmd_train(args) -> int:
     from offpolicy.train.metrics import check_loggers
 
     cfg, resume, notes = _train_config(args)
+    from offpolicy.pipeline.torchrun import launch_rank, serve
+
+    if launch_rank() > 0:  # a trainer rank of a torchrun launch (train.workers): it trains, rank 0 runs the rest
+        return serve(cfg)
     bind_algorithm(cfg)  # a wrong algorithm or workflow setting fails here, before anything is printed or loaded
     check_workflow(cfg)
     check_loggers(cfg.run.loggers)

@@ -195,7 +195,7 @@ class TrainConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads of the trainer; None = from the CPUs this process may use (affinity, cgroup quota): all of them in sync mode, those the explorer leaves in async mode.")
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field("auto", description="AdamW implementation: 'fused' (one kernel over all parameters), 'foreach' (batched per-op kernels), 'for_loop' (per-parameter ops); the same update to float rounding. 'auto' = fused where torch has it for the parameters' device and dtype, else foreach.")
     compile: bool = Field(False, description="Run the trainer's model forward (and so its backward) through torch.compile with dynamic shapes (the engine's decode stays eager): a compile on the first steps (~20 s+ on a small CPU, a few recompiles as shapes first vary), faster steps after (docs/benchmarks.md, Lean step options).")
-    workers: int = Field(1, ge=1, description="Data-parallel trainer processes (pipeline.mode=ray only): each takes 1/W of every mini-batch's rows, gradients are summed over the group with torch.distributed (gloo on CPU, NCCL on CUDA) and the loss is normalised by the global token / sequence counts, so the update equals one process's (docs/scaling.md). Ranks 1..W-1 are Ray actors; rank 0 is the run's own process.")
+    workers: int = Field(1, ge=1, description="Data-parallel trainer processes (pipeline.mode=ray only): each takes 1/W of every mini-batch's rows, gradients are summed over the group with torch.distributed (gloo on CPU, NCCL on CUDA) and the loss is normalised by the global token / sequence counts, so the update equals one process's (docs/scaling.md). In pipeline.mode=ray ranks 1..W-1 are Ray actors and rank 0 the run's own process; in sync / async mode launch W processes with torchrun --nproc_per_node=W -m offpolicy.cli train ... (refused otherwise).")
 
 
 class PipelineConfig(_Section):
@@ -408,9 +408,6 @@ class Config(_Section):
             if ray_keys:
                 raise ValueError(f"pipeline.{ray_keys[0]} needs pipeline.mode=ray (pipeline.mode={p.mode} runs one "
                                  "explorer)")
-            if self.train.workers > 1:
-                raise ValueError(f"train.workers={self.train.workers} needs pipeline.mode=ray (data-parallel "
-                                 f"trainer workers are Ray actors; pipeline.mode={p.mode} trains in one process)")
         if self.train.workers > 1 and self.train.mini_batches * self.train.micro_batches * self.train.workers > rows:
             raise ValueError(f"train.workers={self.train.workers} x train.mini_batches x train.micro_batches must not "
                              f"exceed the batch size ({rows} rows): every worker needs rows in every micro-batch")

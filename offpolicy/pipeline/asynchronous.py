@@ -26,6 +26,7 @@ from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
 from offpolicy.pipeline.trainer import RunResult, TrainLoop
 from offpolicy.pipeline.weights import PeerGone, WeightChannel
 from offpolicy.rewards.guard import RewardFaultError
+from offpolicy.train.step import train_step
 
 
 def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports, stop, parent_pid: int) -> None:
@@ -212,7 +213,7 @@ class _ExplorerProcess:
 
 
 def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, progress=None,
-              log=print) -> RunResult:
+              log=print, step_fn=train_step) -> RunResult:
     """Train up to ``cfg.train.steps`` steps with the explorer in a separate process (see the module docstring).
 
     Checkpoints as the synchronous runner does, with the explorer's cursor after the batch trained at
@@ -239,7 +240,7 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
             log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
                 f"{start['batch']}")
         explorer.send_job(ctx, buffer, start)
-        loop = TrainLoop(ctx, strategy, progress=progress, resumed=state)
+        loop = TrainLoop(ctx, strategy, progress=progress, resumed=state, step_fn=step_fn)
         opened.append(loop)
         return _train(ctx, explorer, buffer, strategy, loop, start, state)
     finally:

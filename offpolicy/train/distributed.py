@@ -15,7 +15,8 @@ travel in the same collective as the "every loss was finite" flag, before ``opti
 rank that dies is noticed before any rank has changed its weights.
 
 ``torch.distributed`` with gloo on CPU, NCCL on CUDA; ranks are joined by :func:`join` (TCP rendezvous)
-from Ray actors (:mod:`offpolicy.pipeline.ray_runner`) or any launcher that sets the same variables.
+from Ray actors (:mod:`offpolicy.pipeline.ray_runner`) or by :func:`join_from_env` under torchrun
+(:mod:`offpolicy.pipeline.torchrun`).
 Numerics: the ranks' partial sums are added in another order than one process adds them, so W=2 equals
 W=1 to float rounding (about 1e-7 relative in float32), not bit for bit.
 """
@@ -59,10 +60,10 @@ def join(address: str, port: int, rank: int, world: int, *, backend: str = "gloo
     return DataParallel(rank, world)
 
 
-def join_from_env() -> "DataParallel":
-    """Join from the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
-    return join(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]),
-                int(os.environ["WORLD_SIZE"]))
+def join_from_env(*, backend: str = "gloo", timeout_s: float = 300.0) -> "DataParallel":
+    """Join from the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; its agent's store)."""
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+    return DataParallel(dist.get_rank(), dist.get_world_size())
 
 
 class DataParallel:

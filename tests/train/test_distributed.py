@@ -3,6 +3,8 @@ one process on the whole batch (to 1e-6), for each aggregation (token-mean, sequ
 constant normaliser), with micro- and mini-batches, and rows of unequal length (so the ranks' token counts
 differ and only global counts give the right normalisation)."""
 
+import os
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -99,10 +101,44 @@ def test_rows_split_every_mini_batch_evenly():
     assert parts == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
-def test_workers_outside_ray_mode_are_refused():
+def test_workers_need_ray_or_a_torchrun_launch_of_that_size(tmp_path, monkeypatch):
     from offpolicy.config import ConfigError
+    from offpolicy.pipeline import run
 
-    with pytest.raises((ConfigError, ValueError), match="train.workers=2 needs pipeline.mode=ray"):
-        load_config(None, ["train.workers=2"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = load_config(None, ["train.workers=2", f"run.dir={tmp_path / 'x'}"])
+    with pytest.raises(ConfigError, match="train.workers=2 with pipeline.mode=sync needs a torchrun launch of 2"):
+        run(cfg, log=lambda *a: None)
+    assert not (tmp_path / "x").exists()  # refused before anything was built
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="this launch has 3"):
+        run(cfg, log=lambda *a: None)
     with pytest.raises((ConfigError, ValueError), match="pipeline.explorers needs pipeline.mode=ray"):
         load_config(None, ["pipeline.mode=async", "pipeline.explorers=2"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_like_one(tmp_path):
+    """``torchrun --nproc_per_node=2 -m offpolicy.cli train train.workers=2``: a sync run whose trainer is two
+    gloo ranks logs the losses of the one-process run (the same batches: generation is rank 0's alone)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from offpolicy.train.metrics import read_metrics
+
+    args = ["train.steps=3", "eval.every=0", "tasks.eval_size=8", "run.progress=false", "run.loggers=[]",
+            "train.threads=1", "rollout.prompts_per_step=8", "rollout.group_size=4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "offpolicy.cli", "train", *args, f"run.dir={one}"], check=True, env=env,
+                   capture_output=True)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "offpolicy.cli", "train", *args,
+                          "train.workers=2", f"run.dir={two}"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    r1, r2 = read_metrics(one, "train"), read_metrics(two, "train")
+    assert len(r1) == len(r2) == 3
+    for a, b in zip(r1, r2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
