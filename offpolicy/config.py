@@ -45,8 +45,8 @@ class TasksConfig(_Section):
     preset: Literal["gsm8k"] | None = Field(None, description="Fill defaults for a known data set (keys you set win): gsm8k = the GSM8K files ($OFFPOLICY_GSM8K_DIR or ../shared/data/gsm8k), question/answer fields, a '####' system prompt, eval on all 1319 test rows, reward.function=math, rollout.max_new_tokens=512.")
     train_path: str | None = Field(None, description="file: training tasks file; hf: dataset folder or hub name.")
     eval_path: str | None = Field(None, description="file / hf: held-out tasks (default: train_path).")
-    split: str = Field("train", description="hf: split of the training tasks.")
-    eval_split: str | None = Field(None, description="hf: split of the held-out tasks (default: split).")
+    split: str = Field("train", description="hf (and pairs from a datasets folder): split of the training tasks.")
+    eval_split: str | None = Field(None, description="hf (and pairs from a datasets folder): split of the held-out tasks (default: split).")
     subset: str | None = Field(None, description="hf: dataset configuration name (e.g. 'main' for openai/gsm8k).")
     prompt_key: str = Field("prompt", description="file / hf: field holding the question.")
     answer_key: str = Field("answer", description="file / hf: field holding the ground truth.")
@@ -360,8 +360,8 @@ class Config(_Section):
             raise ValueError(f"algorithm.preference_coef={a.preference_coef}: the DPO term trains on the pairs of a "
                              "mixed batch, which workflow.name=online_pairs with workflow.keep_samples=true makes")
         unread = {"calculator": ("levels",),
-                  "pairs": ("levels", "few_shot", "template", "system_prompt", "prompt_key", "answer_key", "split",
-                            "eval_split", "subset", "chat_template", "max_row_bytes")}.get(t.name, ())
+                  "pairs": ("levels", "few_shot", "template", "system_prompt", "prompt_key", "answer_key", "subset",
+                            "chat_template", "max_row_bytes")}.get(t.name, ())
         changed = [k for k in unread if getattr(t, k) != TasksConfig.model_fields[k].default]
         if t.name == "calculator" and isinstance(t.few_shot, int) and t.few_shot:
             changed.append("few_shot")  # generated tasks: worked examples only from a file

@@ -98,8 +98,13 @@ def task_source(cfg: Config, tokenizer=None, *, report: Callable[[str], None] | 
             from offpolicy.data.pairs import encode_pairs, load_pairs
             from offpolicy.rollout.model import load_tokenizer, resolve_model_path
 
-            pairs = load_pairs(t.train_path)
-            held = load_pairs(t.eval_path, limit=t.eval_size) if t.eval_path else pairs[: t.eval_size]
+            for key, path in (("split", t.train_path), ("eval_split", t.eval_path)):
+                if getattr(t, key) not in (None, "train") and not Path(path or t.train_path).is_dir():
+                    raise ConfigError(f"tasks.{key}={getattr(t, key)}: {path or t.train_path} is a file, which has "
+                                      "no splits (only a datasets folder has)")
+            pairs = load_pairs(t.train_path, split=t.split)  # split / eval_split: of a datasets folder
+            held = (load_pairs(t.eval_path, split=t.eval_split or t.split, limit=t.eval_size) if t.eval_path
+                    else pairs[: t.eval_size])
             tokenizer = tokenizer or load_tokenizer(resolve_model_path(cfg.model.path))
             for part in (pairs, held):  # a row the tokenizer cannot render fails now, naming its file:line
                 encode_pairs(tokenizer, part)  # and steps reuse the ids

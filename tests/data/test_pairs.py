@@ -303,3 +303,21 @@ def test_a_tokenizer_without_weak_references_is_encoded_uncached():
     pairs = arithmetic_pairs("eval", 4)
     encode_pairs(Stub(tok), pairs)
     assert [pair_token_ids(Stub(tok), p) for p in pairs] == [pair_token_ids(tok, p) for p in pairs]
+
+
+def test_a_run_reads_the_splits_of_a_datasets_folder_and_refuses_splits_of_a_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from offpolicy.config import ConfigError, load_config
+    from offpolicy.pipeline.context import task_source
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([TEXT_ROW] * 3),
+                          "test": datasets.Dataset.from_list([{**TEXT_ROW, "chosen": "5", "rejected": "7"}])}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    cfg = load_config(None, ["tasks.name=pairs", f"tasks.train_path={tmp_path / 'ds'}",
+                             f"tasks.eval_path={tmp_path / 'ds'}", "tasks.eval_split=test"])
+    stream, held = task_source(cfg)
+    assert [p.rejected for p in held] == ["7"] and next(stream).rejected == "6"
+    f = jsonl(tmp_path / "p.jsonl", [TEXT_ROW])
+    cfg = load_config(None, ["tasks.name=pairs", f"tasks.train_path={f}", "tasks.eval_split=test"])
+    with pytest.raises(ConfigError, match="tasks.eval_split=test: .*p.jsonl is a file"):
+        task_source(cfg)
