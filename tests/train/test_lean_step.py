@@ -99,9 +99,33 @@ def test_bf16_autocast_logprobs_within_tolerance_of_float32(demo):
     assert 0 < diff.max() < 0.1 and diff.mean() < 0.02, (diff.max(), diff.mean())
 
 
+def test_compile_forward_leaves_the_engine_eager(random_tiny):
+    """train.compile replaces the forward by a compiled one (deep copies keep it); the engine's sampling
+    runs it eagerly (its decode shapes would recompile it every token), so generating compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    from offpolicy.rollout.engine import HFEngine
+
+    model, tok = random_tiny
+    model = copy.deepcopy(model)
+    eager_out = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id).generate(
+        [tok("12+7=")["input_ids"]], n=4, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    compile_forward(model)
+    assert hasattr(model.forward.__func__, "_torchdynamo_orig_callable")
+    twin = copy.deepcopy(model)
+    assert twin.forward.__self__ is twin and twin.forward.__func__ is model.forward.__func__
+    graphs = counters["stats"]["unique_graphs"]
+    out = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id).generate(
+        [tok("12+7=")["input_ids"]], n=4, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(torch.equal(a, b) for a, b in zip(out.behav_logp, eager_out.behav_logp))
+
+
+@pytest.mark.slow
 def test_compiled_forward_logprobs_equal_eager(demo):
-    """train.compile: the compiled forward's log-probs and gradients equal eager ones within 1e-5 (the
-    shared-prefix path and the one-forward-per-row path). Compiling takes ~20-60 s on 2 cores."""
+    """train.compile: the compiled forward's log-probs equal eager ones within 1e-5 and its gradients to
+    float rounding (relative norm 1e-4), on the shared-prefix path and the one-forward-per-row path.
+    Compiling takes ~20 s on 2 quiet cores, minutes on a loaded machine (slow)."""
     _, ctx, batch = demo
     eager = ctx.model
     compiled = copy.deepcopy(ctx.model)
@@ -115,4 +139,5 @@ def test_compiled_forward_logprobs_equal_eager(demo):
             grads.append((logp.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
         torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
         for k, g in grads[0][1].items():
-            torch.testing.assert_close(grads[1][1][k], g, atol=1e-5, rtol=1e-4, msg=k)
+            rel = ((grads[1][1][k] - g).norm() / g.norm().clamp(min=1e-12)).item()
+            assert rel < 1e-4, (k, rel)
