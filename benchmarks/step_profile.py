@@ -277,7 +277,8 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    res = run(steps=args.steps, warmup=args.warmup, variants=names, threads=args.threads, quick=args.quick)
+    res = run(steps=args.steps, warmup=args.warmup, variants=names, threads=args.threads, quick=args.quick,
+              log=lambda *a: print(*a, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(res, indent=2))
