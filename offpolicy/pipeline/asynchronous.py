@@ -158,6 +158,7 @@ class _ExplorerProcess:
         mpc = self.mpc
         self.ready, self.reports, self.stop_event, self.setup = mpc.Semaphore(0), mpc.Queue(), mpc.Event(), mpc.Queue()
         self.setup.cancel_join_thread()  # an explorer that died before reading its job must not block our exit
+        self.job_sent = False
         # not a daemon: the explorer starts its own reward worker; stop() always ends it
         self.proc = mpc.Process(target=_explorer_main, name="offpolicy-explorer", daemon=False,
                                 args=(self.cfg.model_dump_json(), self.channel, self.setup, self.ready, self.reports,
@@ -172,6 +173,7 @@ class _ExplorerProcess:
             self.channel.mark_loaded(start["min_version"])
         self.latest = (start["batch"] - 1, start["explorer"])
         self.setup.put({"tensors": slot, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
+        self.job_sent = True
 
     def next_batch(self, buffer, strategy, rows: int, now_version: int) -> tuple[list, dict]:
         """Block until the buffer yields the batch for ``now_version``; (its rows, the explorer's report)."""
@@ -203,11 +205,15 @@ class _ExplorerProcess:
         start = {"batch": last + 1, "explorer": cursor, "min_version": self.channel.published}
         self.channel.mark_loaded(self.channel.published)
         self.setup.put({"tensors": self.channel.tensors, "buffer": buffer, "start": start, "run_dir": str(ctx.run_dir)})
+        self.job_sent = True
         return last + 1
 
     def stop(self) -> None:
+        """Ask the explorer to end and wait for it; terminate it if it does not. Before its job was sent it
+        is still importing and loading its model, which it cannot interrupt (tens of seconds on a busy
+        machine): it is given longer then, so that it ends by itself."""
         self.stop_event.set()
-        self.proc.join(timeout=10)
+        self.proc.join(timeout=10 if self.job_sent else 120)
         if self.proc.is_alive():
             self.proc.terminate()
 
