@@ -230,6 +230,7 @@ def run(*, steps: int, warmup: int, variants: list[str], threads: int, quick: bo
             "engine_max_abs_diff_max": max(v.rows["engine_max_abs_diff"]),
             "graphs_warmup": sum(graphs[v.name][:warmup]), "graphs_timed": sum(graphs[v.name][warmup:]),
             "load1_min": min(v.rows["load1"]), "load1_max": max(v.rows["load1"]),
+            "per_step": {k: v.rows[k] for k in ("gen_s", "train_s", "step_s", "load1")},  # for quiet-round subsets
         }
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": threads, "quick": quick,
             "steps": steps, "warmup": warmup, "peaks_gflops": peaks, "variants": results,
