@@ -10,7 +10,8 @@ Each method runs with the settings its docs recommend:
 - ``grpo``: 32 tasks x 8 on-policy samples, rule reward, lr 3e-4 (the demo);
 - ``online_dpo``: the same sampling, one (best, worst) pair per task, beta 0.1, lr 3e-4 (the preset);
 - ``dpo``: 32 offline pairs per step from a file (correct answer > a wrong one, ``offpolicy.data.pairs``),
-  nothing sampled, beta 0.1, lr 1e-4 (docs/preferences.md: the best of the measured settings);
+  nothing sampled, beta 0.1, lr 1e-4 (docs/preferences.md: the best of the measured settings); nothing is
+  random here but the order of the pairs, so the seed sets that (``tasks.seed``);
 - ``opa_dpo``: ``examples/opa_dpo_tiny.yaml``: 2,000 sampled answers, revised by the ground truth, 100
   steps of supervised alignment, then ``--steps`` DPO steps (beta 2.0, lr 3e-5) from the aligned policy.
 
@@ -65,7 +66,7 @@ def run_method(method: str, seed: int, steps: int, out: Path, pairs: tuple[Path,
         acc = {"greedy_before": r["before"], "greedy_after": r["after"]}
     elif method == "dpo":
         r = _train([*base, "algorithm.preset=dpo", "tasks.name=pairs", f"tasks.train_path={pairs[0]}",
-                    f"tasks.eval_path={pairs[1]}", "train.lr=1e-4"])
+                    f"tasks.eval_path={pairs[1]}", "train.lr=1e-4", f"tasks.seed={seed}"])  # the pairs' order
         acc = {"preference_after": r["after"], "greedy_after": _greedy(run_dir / "final", seed)}
     elif method == "opa_dpo":
         from offpolicy.pipeline.opa_dpo import opa_dpo_run
