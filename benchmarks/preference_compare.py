@@ -12,6 +12,7 @@ Each method runs with the settings its docs recommend:
 - ``dpo``: 32 offline pairs per step from a file (correct answer > a wrong one, ``offpolicy.data.pairs``),
   nothing sampled, beta 0.1, lr 1e-4 (docs/preferences.md: the best of the measured settings); nothing is
   random here but the order of the pairs, so the seed sets that (``tasks.seed``);
+- ``dpo_nll``: the same with the chosen response's NLL added to each pair's loss (RPO, ``nll_coef`` 1.0);
 - ``opa_dpo``: ``examples/opa_dpo_tiny.yaml``: 2,000 sampled answers, revised by the ground truth, 100
   steps of supervised alignment, then ``--steps`` DPO steps (beta 2.0, lr 3e-5) from the aligned policy.
 
@@ -28,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("grpo", "online_dpo", "dpo", "opa_dpo")
+METHODS = ("grpo", "online_dpo", "dpo", "dpo_nll", "opa_dpo")
 COMMON = ["run.loggers=[]", "run.progress=false", "train.threads=2", "eval.every=0"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -64,9 +65,10 @@ def run_method(method: str, seed: int, steps: int, out: Path, pairs: tuple[Path,
     elif method == "online_dpo":
         r = _train([*base, "algorithm.preset=online_dpo"])
         acc = {"greedy_before": r["before"], "greedy_after": r["after"]}
-    elif method == "dpo":
+    elif method in ("dpo", "dpo_nll"):
+        nll = ["algorithm.loss_params={nll_coef: 1.0}"] if method == "dpo_nll" else []
         r = _train([*base, "algorithm.preset=dpo", "tasks.name=pairs", f"tasks.train_path={pairs[0]}",
-                    f"tasks.eval_path={pairs[1]}", "train.lr=1e-4", f"tasks.seed={seed}"])  # the pairs' order
+                    f"tasks.eval_path={pairs[1]}", "train.lr=1e-4", f"tasks.seed={seed}", *nll])  # seed: pair order
         acc = {"preference_after": r["after"], "greedy_after": _greedy(run_dir / "final", seed)}
     elif method == "opa_dpo":
         from offpolicy.pipeline.opa_dpo import opa_dpo_run

@@ -30,8 +30,13 @@ from .types import LossInputs, LossOut, finish, require
 
 @builtin("policy_loss", "dpo", reads=("ref_logp",))
 def dpo(logp_BT: Tensor, inputs: LossInputs, *, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
-        label_smoothing: float = 0.0) -> LossOut:
+        label_smoothing: float = 0.0, nll_coef: float = 0.0) -> LossOut:
     """DPO / IPO per-token loss over rows ``(chosen, rejected)`` pairs (see the module docstring).
+
+    ``nll_coef`` > 0 adds ``nll_coef x`` the chosen response's negative log-likelihood per token (its mean
+    over the response) to each pair's loss: RPO (Pang et al. 2024, arXiv 2404.19733; TRL's ``rpo_alpha``,
+    which averages over the batch's chosen tokens instead), which keeps the chosen answer likely while the
+    margin grows; stat ``nll_chosen``.
 
     Stats, over the live pairs (an inert pair's rows have no trainable token; see
     :mod:`offpolicy.rollout.online_pairs`): ``preference_accuracy`` (share of pairs whose implicit reward
@@ -51,6 +56,9 @@ def dpo(logp_BT: Tensor, inputs: LossInputs, *, beta: float = 0.1, loss_type: Li
         loss_P = _smoothed_nll(beta * margin_P, label_smoothing)
     else:
         loss_P = (margin_P - 1.0 / (2.0 * beta)) ** 2
+    nll_P = -torch.where(m_BT[0::2], logp_BT[0::2], torch.zeros_like(logp_BT[0::2])).sum(-1) / n_B[0::2]
+    if nll_coef:
+        loss_P = loss_P + nll_coef * nll_P
     loss_BT = loss_P.repeat_interleave(2)[:, None] * m_BT / n_B[:, None]
     logp_B = torch.where(m_BT, logp_BT, torch.zeros_like(logp_BT)).sum(-1).detach()
     rewards_B = beta * seq_B.detach()
@@ -63,7 +71,7 @@ def dpo(logp_BT: Tensor, inputs: LossInputs, *, beta: float = 0.1, loss_type: Li
              "reward_margin": mean(rewards_B[0::2] - rewards_B[1::2]),
              "reward_chosen": mean(rewards_B[0::2]), "reward_rejected": mean(rewards_B[1::2]),
              "logp_chosen": mean(logp_B[0::2]), "logp_rejected": mean(logp_B[1::2]),
-             "pairs_live": live_P.float().mean()}
+             "pairs_live": live_P.float().mean(), "nll_chosen": mean(nll_P.detach())}
     return finish(loss_BT, m_BT, stats)
 
 

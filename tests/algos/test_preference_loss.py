@@ -29,6 +29,18 @@ def test_dpo_hand_value_and_gradient():
     assert stats["logp_chosen"].item() == pytest.approx(-3.0) and stats["logp_rejected"].item() == pytest.approx(-1.5)
 
 
+def test_rpo_nll_term_hand_value_and_gradient():
+    # the pair of the DPO test, chosen logp (-1, -2): NLL per token = 1.5; loss = 0.653947 + 0.5 * 1.5
+    # gradient on the chosen tokens: the DPO part -0.048001 plus 0.5 * (-1/2) per token
+    loss, stats, logp = _run([[-1.0, -2.0], [-1.5, -7.0]], [[-1.5, -2.3], [-1.5, 0.0]], [[1, 1], [1, 0]], beta=0.1,
+                             nll_coef=0.5)
+    assert loss.item() == pytest.approx(0.653947 + 0.75, abs=1e-6)
+    assert stats["nll_chosen"].item() == pytest.approx(1.5)
+    loss.backward()
+    g = -0.1 / (1 + math.exp(0.08))
+    torch.testing.assert_close(logp.grad, torch.tensor([[g - 0.25, g - 0.25], [-g, 0.0]]), atol=1e-6, rtol=0)
+
+
 def test_ipo_hand_value_and_log2_at_the_reference():
     # chosen delta (0.5, 0.1): mean 0.3; rejected (-0.3): mean -0.3 -> h = 0.6; (0.6 - 1/(2*0.1))^2 = 19.36
     loss, _, _ = _run([[0.5, 0.1], [-0.3, 9.0]], [[0.0, 0.0], [0.0, 0.0]], [[1, 1], [1, 0]], beta=0.1, loss_type="ipo")
