@@ -239,13 +239,12 @@ class RunContext:
 def make_optimizer(cfg: Config, model: torch.nn.Module):
     """(AdamW over the trainable parameters: all, or the LoRA adapter only; its LR schedule).
 
-    ``train.optimizer_impl`` picks torch's implementation (the same update to float rounding): 'auto' = the
-    fused kernel where torch has one for the parameters' device and dtype, else foreach."""
+    ``train.optimizer_impl`` picks torch's implementation (the same update to float rounding): 'auto' =
+    torch's own choice (foreach on CUDA, the per-parameter loop on CPU), the implementation every measured
+    result before the option came from; 'fused' where torch has a kernel for the parameters' device and dtype."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     impl = cfg.train.optimizer_impl
-    if impl == "auto":
-        impl = "fused" if fused_adamw_supported(trainable) else "foreach"
-    kw = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+    kw = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
     try:
         opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                 weight_decay=cfg.train.weight_decay, **kw)
