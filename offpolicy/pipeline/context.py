@@ -253,14 +253,6 @@ def make_optimizer(cfg: Config, model: torch.nn.Module):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
 
 
-def fused_adamw_supported(params) -> bool:
-    """Whether torch has a fused AdamW kernel for every parameter's device and floating dtype."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    devices = set(_get_fused_kernels_supported_devices())
-    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
-
-
 def bind_algorithm(cfg: Config):
     """The config's algorithm, bound, and its step plan; a wrong preset, parameter name or value, or a
     recipe setting nothing acts on, fails here, before any model is loaded."""
