@@ -30,6 +30,8 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from offpolicy.rollout.kv_reuse import KeptKV, plain_layers
+
 
 @dataclass
 class Rollouts:
@@ -82,7 +84,12 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 8,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
-                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Rollouts: ...
+                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                 keep_kv: bool = False) -> Rollouts:
+        """``keep_kv``: the next call will likely continue these rows (a multi-turn episode's next turn); an
+        engine that can reuse their KV cache keeps it for that call. Engines with an automatic prefix cache
+        (vLLM) and engines that cannot reuse ignore it; the samples are the same either way."""
+        ...
 
     def update_weights(self, model, version: int) -> float:
         """Serve ``model``'s current weights as policy ``version`` from the next :meth:`generate` on; returns
@@ -132,6 +139,8 @@ class HFEngine:
         self.compile_decode = compile_decode
         self._cache_kw = _cache_keyword(model)
         self._decode = None  # the compiled decode forward, built on first use
+        self._kept: KeptKV | None = None  # the last call's cache, when it was made with keep_kv
+        self.reused_tokens = 0  # prompt tokens taken from a kept cache instead of recomputed (running count)
 
     def _forward(self, ids, attn, pos, cache=None):
         kw = {self._cache_kw: cache} if cache is not None else {}
@@ -186,6 +195,7 @@ class HFEngine:
         if model is not self.model:
             raise ValueError("HFEngine.update_weights: the engine samples from its own model; load the new "
                              "weights into that one")
+        self._kept = None  # computed with the old weights
         return 0.0
 
     def close(self) -> None:
@@ -194,28 +204,32 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 8,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
-                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Rollouts:
+                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                 keep_kv: bool = False) -> Rollouts:
         """Sample ``n`` responses per prompt. EOS ends a response (and is part of it); so does any token
         of ``stop_ids`` (a multi-turn workflow pauses there for a tool result; ``finished`` stays False).
 
         ``top_k`` (0: off) then ``top_p`` (1: off) truncate the tempered distribution before sampling.
+        ``keep_kv``: keep this call's KV cache for the next call, whose prompts that extend a row of this
+        one then run only their new tokens (:mod:`offpolicy.rollout.kv_reuse`); any call drops what the
+        previous one kept, and so does :meth:`update_weights`.
         """
         if top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
         truncate = not greedy and (top_k > 0 or top_p < 1.0)
         device = self.device
-        ids, attn = _left_pad(prompts, self.pad_id)
-        ids, attn = ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        kept, self._kept = self._kept, None
         # each prompt is run once; its KV cache and last logits are then indexed out to its n rows
-        cache, logits = self._forward(ids, attn, pos)
+        cache, logits, attn, pos = self._prefill(prompts, kept)
         if n > 1:
             rows = torch.arange(len(prompts), device=device).repeat_interleave(n)
             if hasattr(cache, "batch_select_indices"):
                 cache.batch_select_indices(rows)
                 attn, pos, logits = attn[rows], pos[rows], logits[rows]
             else:  # a cache type that cannot be indexed: run every row
-                ids, attn, pos = ids[rows], attn[rows], pos[rows]
+                ids, attn = _left_pad(prompts, self.pad_id)
+                ids, attn = ids[rows].to(device), attn[rows].to(device)
+                pos = (attn.cumsum(-1) - 1).clamp(min=0)
                 cache, logits = self._forward(ids, attn, pos)
         B, P = attn.shape
         # the mask of every position the responses may reach, preallocated: column P + t opens at step t
@@ -228,6 +242,7 @@ class HFEngine:
         attn_BL[:, :P] = attn
         next_pos = pos[:, -1:] + 1
         tokens, logps, engine_logps = [], [], []
+        forwarded = 0  # response tokens that went through the model (the cache holds them)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         eos = torch.zeros(B, dtype=torch.bool, device=device)
         stops = torch.tensor([self.eos_id, *stop_ids], device=device)
@@ -264,14 +279,60 @@ class HFEngine:
             else:
                 cache, logits = self._forward(tok[:, None], attn_BL[:, : P + t + 1], next_pos, cache)
             next_pos = next_pos + 1
+            forwarded += 1
         lengths = alive_steps.cpu().tolist()
-        return Rollouts(
+        out = Rollouts(
             prompt_index=[i for i in range(len(prompts)) for _ in range(n)],
             response_ids=_per_row(tokens, lengths),
             behav_logp=_per_row(logps, lengths),
             finished=eos.cpu().tolist(),
             engine_logp=_per_row(engine_logps, lengths) if truncate else None,
         )
+        if keep_kv:
+            self._keep(cache, attn_BL, P, forwarded, alive_steps, prompts, out)
+        return out
+
+    def _prefill(self, prompts: list[list[int]], kept: KeptKV | None):
+        """The prompts' forward: (cache, last logits, attention mask (B, P), positions (B, P)). Prompts that
+        extend a row of ``kept`` take its keys and values and run only their new tokens."""
+        device = self.device
+        matches = kept.match(prompts) if kept is not None else []
+        if not any(u for _, u in matches):
+            ids, attn = _left_pad(prompts, self.pad_id)
+            ids, attn = ids.to(device), attn.to(device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            return (*self._forward(ids, attn, pos), attn, pos)
+        cache, attn_BM = kept.gather(matches, self._dynamic_cache)
+        ids, attn_BS = _left_pad([p[u:] for p, (_, u) in zip(prompts, matches)], self.pad_id)
+        ids, attn_BS = ids.to(device), attn_BS.to(device)
+        reused = torch.tensor([u for _, u in matches], device=device)
+        pos = (attn_BS.cumsum(-1) - 1).clamp(min=0) + reused[:, None]  # positions continue after the kept tokens
+        attn = torch.cat([attn_BM, attn_BS], 1)
+        cache, logits = self._forward(ids, attn, pos, cache)
+        self.reused_tokens += int(reused.sum())
+        return cache, logits, attn, torch.cat([torch.zeros_like(attn_BM), pos], 1)
+
+    def _dynamic_cache(self, pairs):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(pairs):
+            cache.update(k, v, i)
+        return cache
+
+    def _keep(self, cache, attn_BL, P: int, forwarded: int, alive_steps, prompts, out: Rollouts) -> None:
+        """Keep ``cache`` for the next call: which columns hold each row's prompt and forwarded response."""
+        layers = plain_layers(cache)
+        if layers is None:
+            return
+        width = layers[0].keys.shape[2]
+        valid = torch.zeros((attn_BL.shape[0], width), dtype=torch.bool, device=attn_BL.device)
+        valid[:, :P] = attn_BL[:, :P].bool()
+        held = alive_steps.clamp(max=forwarded)  # the response tokens each row's cache holds
+        valid[:, P:P + forwarded] = torch.arange(forwarded, device=valid.device)[None] < held[:, None]
+        seqs = [list(prompts[i]) + r[:k].tolist()
+                for i, r, k in zip(out.prompt_index, out.response_ids, held.tolist())]
+        self._kept = KeptKV(layers, valid, seqs)
 
 
 def _eager():

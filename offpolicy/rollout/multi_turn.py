@@ -18,8 +18,9 @@ The episode ends when the environment says so (a turn without a tool call is the
 is the sum of the environment's step rewards (the environment scores the final answer: it knows its
 format); ``info["success"]`` comes from the environment too. An episode whose reward faulted
 (``info["reward_fault"]`` from the environment) is made inert, as in the single-turn workflow. ``info["episode"]`` carries the counters the trainer logs per step: turns,
-tool calls, tool errors by kind, environment seconds, prefix failures. The rollout engine recomputes each
-turn's context (no KV cache carried across turns yet).
+tool calls, tool errors by kind, environment seconds, prefix failures. Every turn but the last asks the
+engine to keep its KV cache (``keep_kv``), so the next turn runs only the tokens the episode gained since
+(the HF engine: :mod:`offpolicy.rollout.kv_reuse`; vLLM's prefix cache does it by itself).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class MultiTurn:
             contexts, n = _shared([e.prompt_ids + e.ids for e in active], sampling.group_size)
             ro = engine.generate(contexts, n=n, max_new_tokens=min(sampling.max_new_tokens, max(budget)),
                                  temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                                 greedy=sampling.greedy, stop_ids=stop_ids, generator=generator)
+                                 greedy=sampling.greedy, stop_ids=stop_ids, generator=generator,
+                                 keep_kv=turn < self.max_turns)
             engine_lp = ro.engine_logp or ro.behav_logp
             for e, room, resp, lp, elp in zip(active, budget, ro.response_ids, ro.behav_logp, engine_lp):
                 e.append(resp[:room].tolist(), True, lp[:room].tolist(), elp[:room].tolist())

@@ -148,9 +148,11 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 8,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
-                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> Rollouts:
+                 stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
+                 keep_kv: bool = False) -> Rollouts:
         """As :meth:`HFEngine.generate`: ``n`` responses per prompt, rows in prompt order; EOS or a token of
-        ``stop_ids`` ends a response and is part of it (``finished`` only for EOS)."""
+        ``stop_ids`` ends a response and is part of it (``finished`` only for EOS). ``keep_kv`` is not needed:
+        with ``enable_prefix_caching`` the engine reuses any cached prefix by itself."""
         if top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
         truncate = not greedy and (top_k > 0 or top_p < 1.0)
