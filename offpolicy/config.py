@@ -196,6 +196,14 @@ class TrainConfig(_Section):
     optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = Field("auto", description="AdamW implementation: 'fused' (one kernel over all parameters), 'foreach' (batched per-op kernels), 'for_loop' (per-parameter ops); the same update to float rounding, but not the same trajectory: RL on the bundled model amplifies the rounding (the demo ended at 0.824 with the loop, 0.723 with fused, one seed each). 'auto' = torch's own choice (foreach on CUDA, for_loop on CPU).")
     compile: bool = Field(False, description="Run the trainer's model forward (and so its backward) through torch.compile with dynamic shapes (the engine's decode stays eager): a compile on the first steps (~20 s+ on a small CPU, a few recompiles as shapes first vary), faster steps after (docs/benchmarks.md, Lean step options).")
     workers: int = Field(1, ge=1, description="Data-parallel trainer processes (pipeline.mode=ray only): each takes 1/W of every mini-batch's rows, gradients are summed over the group with torch.distributed (gloo on CPU, NCCL on CUDA) and the loss is normalised by the global token / sequence counts, so the update equals one process's (docs/scaling.md). In pipeline.mode=ray ranks 1..W-1 are Ray actors and rank 0 the run's own process; in sync / async mode launch W processes with torchrun --nproc_per_node=W -m offpolicy.cli train ... (refused otherwise).")
+    parallel: Literal["ddp", "fsdp2"] = Field("ddp", description="How train.workers > 1 ranks share a step (docs/scaling.md): 'ddp' = DistributedDataParallel, every rank holds the whole model, gradients and AdamW state, and the gradients are all-reduced during the backward pass; 'fsdp2' = torch's fully_shard on each decoder layer and the root, every rank holds 1/W of the parameters, gradients and AdamW state (for models whose training state does not fit one device); rank 0 also keeps a full copy of the weights for generation, evaluation and checkpoints, gathered after each step. Either gives the one-process update.")
+
+    @model_validator(mode="after")
+    def _parallel_with_workers(self) -> "TrainConfig":
+        if self.parallel != "ddp" and self.workers == 1:
+            raise ValueError(f"train.parallel={self.parallel} is read only with train.workers > 1 (one trainer "
+                             "process has nothing to shard)")
+        return self
 
 
 class PipelineConfig(_Section):

@@ -162,8 +162,9 @@ class ExplorerActor:
 
 
 class TrainerWorker:
-    """Rank ``r >= 1`` of the data-parallel trainer group (a Ray actor): the policy, its optimiser and
-    schedule, and :func:`~offpolicy.train.step.train_step` on its share of each batch."""
+    """Rank ``r >= 1`` of the data-parallel trainer group (a Ray actor, or a torchrun process): the policy
+    and its optimiser, and :func:`~offpolicy.train.step.train_step` on its share of each batch. It has no
+    LR schedule: rank 0's learning rates come with every step."""
 
     def __init__(self, cfg_json: str, threads: int):
         from offpolicy.pipeline.context import bind_algorithm, make_optimizer, seed_everything
@@ -174,26 +175,34 @@ class TrainerWorker:
         self.algo, self.plan = bind_algorithm(cfg)
         seed_everything(cfg.train.seed)
         self.model, _ = policy_from_config(cfg.model)
-        self.optimizer, self.scheduler = make_optimizer(cfg, self.model)
+        self.optimizer, _ = make_optimizer(cfg, self.model)
         self.dp = None
 
     def join(self, address: str, port: int, rank: int, world: int, backend: str) -> None:
         from offpolicy.train.distributed import join
 
-        self.dp = join(address, port, rank, world, backend=backend)
+        self.dp = join(address, port, rank, world, parallel=self.cfg.train.parallel, backend=backend)
 
     def sync_state(self) -> None:
-        """Take rank 0's weights, optimiser and schedule state (fresh, resumed, or a LoRA adapter's random init)."""
+        """Take rank 0's weights and optimiser state (fresh, resumed, or a LoRA adapter's random init)."""
+        self.start(*self.dp.broadcast_state(None, None))
+
+    def start(self, weights: dict, optimizer_state: dict) -> None:
+        """Load rank 0's ``weights`` and ``optimizer_state``, then build what this rank trains (DDP / FSDP2)."""
+        from offpolicy.pipeline.context import make_optimizer
         from offpolicy.rollout.model import load_trainable_state
 
-        weights, opt, sched = self.dp.broadcast_state(None, None, None)
         load_trainable_state(self.model, weights)
-        self.optimizer.load_state_dict(opt)
-        self.scheduler.load_state_dict(sched)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.dp.prepare(self.model, self.optimizer, lambda m: make_optimizer(self.cfg, m)[0])
+        self.model = self.optimizer = None  # FSDP2: the unsharded originals are freed
 
-    def train(self, batch, step: int) -> None:
-        train_step(self.model, self.optimizer, batch, self.algo, self.plan, step=step, dp=self.dp)
-        self.scheduler.step()
+    def train(self, batch, step: int, lrs: list[float]) -> None:
+        self.dp.train(batch, self.algo, self.plan, lrs=lrs, step=step)
+
+    def optimizer_state(self) -> None:
+        """Join rank 0's gathering of the sharded optimiser state (FSDP2, for a checkpoint)."""
+        self.dp.optimizer_state()
 
     def pid(self) -> int:
         return os.getpid()
@@ -412,11 +421,23 @@ def _optimizer_steps(optimizer) -> int:
     return max(steps, default=0)
 
 
+def _lrs(optimizer) -> list[float]:
+    """The learning rates rank 0's schedule has set (the group trains at them)."""
+    return [g["lr"] for g in optimizer.param_groups]
+
+
+def view_optimizer_state(optimizer, gather) -> None:
+    """FSDP2: make rank 0's (empty) ``optimizer`` answer ``state_dict()`` with ``gather()``, the state of the
+    shards it stands for, so every checkpoint (whichever runner writes it) holds the trained state."""
+    optimizer.state_dict = gather
+
+
 class TrainerGroup:
     """Rank 0 (this process) plus ``train.workers - 1`` :class:`TrainerWorker` actors in one
     ``torch.distributed`` group; :meth:`train_step` is TrainLoop's ``step_fn``."""
 
     def __init__(self, ray, ctx, workers: int):
+        from offpolicy.pipeline.context import make_optimizer
         from offpolicy.rollout.model import trainable_state
         from offpolicy.train.distributed import backend_for, free_address, join
 
@@ -432,27 +453,46 @@ class TrainerGroup:
         address, port = free_address()
         backend = backend_for(cfg.model.device)
         joined = [w.join.remote(address, port, r, workers, backend) for r, w in enumerate(self.workers, start=1)]
-        self.dp = join(address, port, 0, workers, backend=backend)
+        self.dp = join(address, port, 0, workers, parallel=cfg.train.parallel, backend=backend)
         ray.get(joined)
         synced = [w.sync_state.remote() for w in self.workers]
         self.dp.broadcast_state({k: v.detach().cpu() for k, v in trainable_state(ctx.model).items()},
-                                ctx.optimizer.state_dict(), ctx.scheduler.state_dict())
+                                ctx.optimizer.state_dict())
+        self.dp.prepare(ctx.model, ctx.optimizer, lambda m: make_optimizer(cfg, m)[0])
         ray.get(synced)
+        if self.dp.parallel == "fsdp2":
+            view_optimizer_state(ctx.optimizer, lambda: self._optimizer_state(ctx.model))
         self.broken: str | None = None
 
+    def _optimizer_state(self, full) -> dict:
+        if self.broken:  # the dead rank's shard is gone
+            raise TrainerDied(f"{self.broken}; its shard of the optimiser state is lost", intact=False)
+        futures = [w.optimizer_state.remote() for w in self.workers]
+        state = self.dp.optimizer_state(full)
+        self.ray.get(futures)
+        return state
+
+    @property
+    def _recoverable(self) -> bool:
+        """Whether rank 0 alone holds the whole trained state after a rank died (not under FSDP2: the dead
+        rank's shard of the optimiser state is gone, the last periodic checkpoint stands)."""
+        return self.dp.parallel == "ddp"
+
     def train_step(self, model, optimizer, batch, algo, plan, **kw) -> dict:
-        """:func:`~offpolicy.train.step.train_step` on every rank (each its share of the rows). Raises
-        TrainerDied: ``intact`` when this rank's weights are those of the last completed step (the failure
-        came before any optimiser step of this batch; every collective precedes ``optimizer.step``)."""
+        """:func:`~offpolicy.train.step.train_step` on every rank (each its share of the rows; ``model`` and
+        ``optimizer`` are rank 0's, which the group trains). Raises TrainerDied: ``intact`` when this
+        rank's state is that of the last completed step (the failure came before any optimiser step of
+        this batch; every collective precedes ``optimizer.step``)."""
         if self.broken:
-            raise TrainerDied(self.broken, intact=True)
-        futures = [w.train.remote(batch, kw.get("step", 1)) for w in self.workers]
-        before = _optimizer_steps(optimizer)
+            raise TrainerDied(self.broken, intact=self._recoverable)
+        lrs = _lrs(optimizer)
+        futures = [w.train.remote(batch, kw.get("step", 1), lrs) for w in self.workers]
+        before = _optimizer_steps(self.dp.optimizer)
         try:
-            stats = train_step(model, optimizer, batch, algo, plan, dp=self.dp, **kw)
+            stats = self.dp.train(batch, algo, plan, lrs=lrs, full=model, **kw)
         except Exception as err:
-            raise TrainerDied(f"the data-parallel step failed: {err}",
-                              intact=_optimizer_steps(optimizer) == before) from None
+            raise TrainerDied(f"the data-parallel step failed: {err}", intact=self._recoverable
+                              and _optimizer_steps(self.dp.optimizer) == before) from None
         try:
             self.ray.get(futures)
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as err:

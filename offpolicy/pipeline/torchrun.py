@@ -50,29 +50,53 @@ def check_launch(cfg: Config) -> None:
 
 
 class TorchrunGroup:
-    """Rank 0's side: :meth:`train_step` is the runner's ``step_fn``; :meth:`close` releases the workers."""
+    """Rank 0's side: :meth:`train_step` is the runner's ``step_fn``; :meth:`close` releases the workers.
+
+    Messages to the workers (one ``broadcast_object_list`` each): a step (the batch, its number, rank 0's
+    learning rates, and with the first one rank 0's weights and optimiser state), ``"optimizer_state"``
+    (FSDP2: join the gathering of the sharded optimiser state for a checkpoint), or None (the run is over)."""
 
     def __init__(self, cfg: Config):
         from offpolicy.train.distributed import backend_for, join_from_env
 
-        self.dp = join_from_env(backend=backend_for(cfg.model.device))
-        self.synced = False
+        self.cfg = cfg
+        self.dp = join_from_env(parallel=cfg.train.parallel, backend=backend_for(cfg.model.device))
+        self.started = False
 
     def train_step(self, model, optimizer, batch, algo, plan, **kw) -> dict:
         from offpolicy.rollout.model import trainable_state
 
         state = None
-        if not self.synced:  # the first step: the workers take this rank's weights and optimiser state
+        if not self.started:  # the first step: the workers take this rank's weights and optimiser state
             state = ({k: v.detach().cpu() for k, v in trainable_state(model).items()}, optimizer.state_dict())
-        dist.broadcast_object_list([{"batch": batch, "step": kw.get("step", 1), "state": state}], src=0)
-        self.synced = True
-        return train_step(model, optimizer, batch, algo, plan, dp=self.dp, **kw)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        _send({"batch": batch, "step": kw.get("step", 1), "lrs": lrs, "state": state})
+        if not self.started:
+            self._start(model, optimizer)
+        return self.dp.train(batch, algo, plan, lrs=lrs, full=model, **kw)
+
+    def _start(self, model, optimizer) -> None:
+        from offpolicy.pipeline.context import make_optimizer
+        from offpolicy.pipeline.ray_runner import view_optimizer_state
+
+        self.dp.prepare(model, optimizer, lambda m: make_optimizer(self.cfg, m)[0])
+        if self.dp.parallel == "fsdp2":
+            view_optimizer_state(optimizer, lambda: self._optimizer_state(model))
+        self.started = True
+
+    def _optimizer_state(self, full) -> dict:
+        _send("optimizer_state")
+        return self.dp.optimizer_state(full)
 
     def close(self) -> None:
         try:
-            dist.broadcast_object_list([None], src=0)  # the run is over
+            _send(None)  # the run is over
         finally:
             self.dp.close()
+
+
+def _send(message) -> None:
+    dist.broadcast_object_list([message], src=0)
 
 
 def serve(cfg: Config) -> int:
@@ -80,11 +104,10 @@ def serve(cfg: Config) -> int:
     from offpolicy.pipeline.ray_runner import TrainerWorker
 
     check_launch(cfg)
-    from offpolicy.rollout.model import load_trainable_state
     from offpolicy.train.distributed import backend_for, join_from_env
 
     worker = TrainerWorker(cfg.model_dump_json(), cfg.train.threads or 1)
-    worker.dp = join_from_env(backend=backend_for(cfg.model.device))
+    worker.dp = join_from_env(parallel=cfg.train.parallel, backend=backend_for(cfg.model.device))
     try:
         while True:
             box = [None]
@@ -92,12 +115,11 @@ def serve(cfg: Config) -> int:
             msg = box[0]
             if msg is None:
                 return 0
+            if msg == "optimizer_state":
+                worker.optimizer_state()
+                continue
             if msg["state"] is not None:
-                weights, opt = msg["state"]
-                load_trainable_state(worker.model, weights)
-                worker.optimizer.load_state_dict(opt)
-                for _ in range(msg["step"] - 1):  # the LR schedule where rank 0's is (a resumed run)
-                    worker.scheduler.step()
-            worker.train(msg["batch"], msg["step"])
+                worker.start(*msg["state"])
+            worker.train(msg["batch"], msg["step"], msg["lrs"])
     finally:
         worker.close()

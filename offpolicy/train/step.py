@@ -7,6 +7,7 @@ name. The batch it is given is not modified. Stats come back as plain floats for
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import fields, replace
 
 import torch
@@ -83,8 +84,9 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     first = torch.cat([torch.ones(1, dtype=torch.bool, device=seg_B.device), seg_B[1:] != seg_B[:-1]])
     ids_GP, attn_GP = batch.input_ids_BL[first, :P], batch.attn_BL[first, :P]
     pos_GP = (attn_GP.cumsum(-1) - 1).clamp(min=0)
-    cache = _cache_type()(config=model.config)
-    kw = _cache_keyword(model)
+    inner = _unwrapped(model)
+    cache = _cache_type()(config=inner.config)
+    kw = _cache_keyword(inner)
     out = model(input_ids=ids_GP, attention_mask=attn_GP, position_ids=pos_GP, use_cache=True, logits_to_keep=1,
                 **{kw: cache})
     cache = getattr(out, kw)
@@ -99,6 +101,14 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     resp = model(input_ids=batch.response_ids_BT[:, :-1], attention_mask=attn_BL, position_ids=pos_BT.clamp(min=0),
                  use_cache=True, **{kw: cache})
     return torch.cat([first_BV, resp.logits], dim=1)
+
+
+def _unwrapped(model):
+    """The policy inside a ``DistributedDataParallel`` wrapper (which runs its forward but hides its
+    attributes), or ``model`` itself."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
@@ -152,33 +162,35 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: 
     def agg(x_BT, m_BT):
         return algo.agg_fn(x_BT, m_BT, num_tokens=n_tokens, num_seqs=n_seqs)
 
-    for idx in (torch.arange(len(batch)) if dp is None else dp.rows(len(batch))).tensor_split(plan.micro_batches):
-        mb = batch.select(idx)
-        logp_BT, entropy_BT = response_logp(model, mb, temperature=plan.temperature, with_entropy=True)
-        current = {k: logp_BT.detach() for k in ("old_logp", "center_logp") if getattr(plan, k) == "current"}
-        inputs = LossInputs(adv=adv_B[idx], mask=mb.mask_BT, behav_logp=mb.behav_logp_BT, entropy=entropy_BT,
-                            step=step, weights=mb.weights_BT, **{k: v[idx] for k, v in given.items()}, **current)
-        pair_loss = None
-        if mixed:  # the policy loss and the regularisers see the samples only; the DPO term the pairs
-            pair_loss = _pair_term(algo, logp_BT, inputs, mb.pair_B, n_pair_rows)
-            inputs = inputs._replace(mask=mb.mask_BT * ~mb.pair_B[:, None])
-        out = algo.loss_fn(logp_BT, inputs)
-        loss = agg(out.loss_BT, inputs.mask)
-        w = len(idx) / len(batch)  # stats are per-micro-batch means: weight by share of rows
-        if pair_loss is not None:
-            term, pair_stats = pair_loss
-            loss = loss + algo.pair_coef * term
-            add("pair/loss", term)
-            for k, v in pair_stats.items():
-                add(f"pair/{k}", w * _stat(v))
-        for reg in algo.regularizers:
-            reg_out = reg(logp_BT, inputs)
-            term = agg(reg_out.loss_BT, inputs.mask)
-            loss = loss + term
-            add(f"reg/{reg.func.__name__}", term)
-            for k, v in reg_out.stats.items():
-                add(k, w * _stat(v))
-        (loss * loss_weight if loss_weight != 1.0 else loss).backward()
+    parts = (torch.arange(len(batch)) if dp is None else dp.rows(len(batch))).tensor_split(plan.micro_batches)
+    for i, idx in enumerate(parts):
+        with contextlib.nullcontext() if dp is None else dp.sync_grads(last=i == len(parts) - 1):
+            mb = batch.select(idx)
+            logp_BT, entropy_BT = response_logp(model, mb, temperature=plan.temperature, with_entropy=True)
+            current = {k: logp_BT.detach() for k in ("old_logp", "center_logp") if getattr(plan, k) == "current"}
+            inputs = LossInputs(adv=adv_B[idx], mask=mb.mask_BT, behav_logp=mb.behav_logp_BT, entropy=entropy_BT,
+                                step=step, weights=mb.weights_BT, **{k: v[idx] for k, v in given.items()}, **current)
+            pair_loss = None
+            if mixed:  # the policy loss and the regularisers see the samples only; the DPO term the pairs
+                pair_loss = _pair_term(algo, logp_BT, inputs, mb.pair_B, n_pair_rows)
+                inputs = inputs._replace(mask=mb.mask_BT * ~mb.pair_B[:, None])
+            out = algo.loss_fn(logp_BT, inputs)
+            loss = agg(out.loss_BT, inputs.mask)
+            w = len(idx) / len(batch)  # stats are per-micro-batch means: weight by share of rows
+            if pair_loss is not None:
+                term, pair_stats = pair_loss
+                loss = loss + algo.pair_coef * term
+                add("pair/loss", term)
+                for k, v in pair_stats.items():
+                    add(f"pair/{k}", w * _stat(v))
+            for reg in algo.regularizers:
+                reg_out = reg(logp_BT, inputs)
+                term = agg(reg_out.loss_BT, inputs.mask)
+                loss = loss + term
+                add(f"reg/{reg.func.__name__}", term)
+                for k, v in reg_out.stats.items():
+                    add(k, w * _stat(v))
+            (loss * loss_weight if loss_weight != 1.0 else loss).backward()
         losses.append(loss.detach())
         add("loss", loss)
         add("entropy", agg(entropy_BT.detach(), mb.mask_BT))
@@ -189,9 +201,11 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: 
         for k, v in out.stats.items():
             add(f"loss/{k}", w * _stat(v))
     finite = all(torch.isfinite(l) for l in losses)
-    if dp is not None:  # this rank's rows only: sum gradients and statistics over the trainer group
-        finite = dp.all_reduce(model, sums, since=before, finite=finite)
+    if dp is not None:  # the gradients were summed by the last backward; the statistics are summed here
+        finite = dp.reduce_stats(sums, since=before, finite=finite, device=next(model.parameters()).device)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: the global norm, as a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     add("grad_norm", grad_norm)
     if not (torch.isfinite(grad_norm) and finite):
         optimizer.zero_grad(set_to_none=True)  # a non-finite loss or gradient: skip, weights untouched

@@ -1,7 +1,8 @@
 """Data-parallel training: W=2 gloo ranks, each training its half of every micro-batch, give the update of
-one process on the whole batch (to 1e-6), for each aggregation (token-mean, sequence means, Dr. GRPO's
-constant normaliser), with micro- and mini-batches, and rows of unequal length (so the ranks' token counts
-differ and only global counts give the right normalisation)."""
+one process on the whole batch (to 1e-6), under DDP and under FSDP2, for each aggregation (token-mean,
+sequence means, Dr. GRPO's constant normaliser), with micro- and mini-batches, gradient clipping that
+binds, and rows of unequal length (so the ranks' token counts differ and only global counts give the
+right normalisation)."""
 
 import os
 
@@ -14,11 +15,12 @@ from offpolicy.data.experience import Experience, collate
 
 # (preset, aggregation it uses, extra overrides)
 CASES = [
-    ("grpo", ["train.micro_batches=2"]),  # token_mean
-    ("gspo", ["train.mini_batches=2"]),  # seq_mean_token_mean
+    ("grpo", ["train.micro_batches=2", "train.grad_clip=0.05"]),  # token_mean; the clip binds (norm ~0.4)
+    ("gspo", ["train.mini_batches=2", "train.micro_batches=2"]),  # seq_mean_token_mean
     ("rloo", []),  # seq_mean_token_sum
     ("dr_grpo", ["train.updates_per_batch=2"]),  # seq_mean_token_sum_norm
 ]
+PARALLEL = ["ddp", "fsdp2"]
 BASE = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.threads=1"]
 
 
@@ -37,8 +39,9 @@ def _batch(vocab: int, pad_id: int):
     return collate(exps, pad_id)
 
 
-def _train_once(overrides: list[str], dp=None) -> tuple[dict, dict]:
-    """(weights after one train_step, its statistics) from the bundled model, on :func:`_batch`."""
+def _train_once(overrides: list[str], dp=None) -> tuple[dict, dict, dict]:
+    """(weights after one train_step, its statistics, the optimiser state) from the bundled model, on
+    :func:`_batch`; with ``dp``, rank 0's full model and the optimiser state a checkpoint would hold."""
     from offpolicy.pipeline.context import bind_algorithm, seed_everything
     from offpolicy.rollout.model import policy_from_config
     from offpolicy.train.step import train_step
@@ -49,19 +52,40 @@ def _train_once(overrides: list[str], dp=None) -> tuple[dict, dict]:
     seed_everything(0)
     model, tok = policy_from_config(cfg.model)
     model = model.double()  # float64: the comparison measures the math, not float32 summation order
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+    def adamw(m):
+        return torch.optim.AdamW(m.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+    opt = adamw(model)
     batch = _batch(model.config.vocab_size, tok.pad_token_id)
-    stats = train_step(model, opt, batch, algo, plan, step=1, dp=dp)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats
+    if dp is None:
+        stats = train_step(model, opt, batch, algo, plan, step=1)
+        state = opt.state_dict()
+    else:
+        dp.prepare(model, opt, adamw)
+        stats = dp.train(batch, algo, plan, lrs=[cfg.train.lr], full=model, step=1)
+        state = dp.optimizer_state(model) if dp.parallel == "fsdp2" else opt.state_dict()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats, state
+
+
+def _shard_fraction(dp) -> float:
+    """The fraction of the model's parameter elements this rank holds."""
+    local = sum(getattr(p, "_local_tensor", p).numel() for p in dp.model.parameters())
+    return local / sum(p.numel() for p in dp.model.parameters())
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
-    """One rank of the group: every case in turn (one process start for all of them)."""
-    from offpolicy.train.distributed import join
+    """One rank of the group: every case under each parallel mode in turn (one process start for all)."""
+    from offpolicy.train.distributed import DataParallel, join
 
     dp = join("127.0.0.1", port, rank, world)
     try:
-        results = [_train_once([f"algorithm.preset={preset}", *extra], dp) for preset, extra in CASES]
+        results = {}
+        for parallel in PARALLEL:
+            for preset, extra in CASES:
+                mode = DataParallel(rank, world, parallel)
+                results[parallel, preset] = _train_once([f"algorithm.preset={preset}", *extra], mode)
+            results[parallel, "shard"] = _shard_fraction(mode)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -70,28 +94,58 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
-    """Each case's (weights, statistics) from a group of two gloo ranks (rank 0's)."""
+    """Each (parallel mode, case)'s (weights, statistics, optimiser state) from a group of two gloo ranks
+    (rank 0's), and the fraction of the parameters rank 0 trains in each mode."""
     from offpolicy.train.distributed import free_address
 
     out = str(tmp_path_factory.mktemp("dp") / "rank0.pt")
     _, port = free_address()
     mp.start_processes(_rank, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
-    return torch.load(out)
+    return torch.load(out, weights_only=False)
 
 
+@pytest.fixture(scope="module")
+def one_worker():
+    """Each case's (weights, statistics, optimiser state) from one process."""
+    return {preset: _train_once([f"algorithm.preset={preset}", *extra]) for preset, extra in CASES}
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[c[0] for c in CASES])
-def test_two_gloo_workers_give_the_one_worker_update(two_workers, case):
+def test_two_gloo_workers_give_the_one_worker_update(two_workers, one_worker, parallel, case):
     preset, extra = CASES[case]
-    overrides = [f"algorithm.preset={preset}", *extra]
-    one, stats_one = _train_once(overrides)
-    two, stats_two = two_workers[case]
-    start, _ = _train_once(["train.lr=1e-30", *overrides])  # (nearly) the initial weights
+    one, stats_one, opt_one = one_worker[preset]
+    two, stats_two, opt_two = two_workers[parallel, preset]
+    start, _, _ = _train_once(["train.lr=1e-30", f"algorithm.preset={preset}", *extra])  # ~ the initial weights
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-5  # the update is not trivially zero
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=0)
     # the step's statistics are the one-process ones too (sums by global counts; log-probs are float32)
     for k in ("loss", "grad_norm", "entropy"):
         assert stats_two[k] == pytest.approx(stats_one[k], rel=1e-6, abs=1e-9), k
+    # what a checkpoint holds: the optimiser state (FSDP2: gathered from the shards, numbered as one process's)
+    assert opt_two["state"].keys() == opt_one["state"].keys()
+    for i, moments in opt_one["state"].items():
+        for name, value in moments.items():
+            torch.testing.assert_close(opt_two["state"][i][name].to(value.dtype), value, atol=1e-6, rtol=0)
+
+
+def test_clipping_binds_in_the_clipped_case(one_worker):
+    _, stats, _ = one_worker["grpo"]
+    assert stats["grad_norm"] > 0.05 * 2  # so the equality above covers clipping by the global norm
+
+
+def test_fsdp2_ranks_hold_half_the_parameters(two_workers):
+    assert two_workers["ddp", "shard"] == 1.0
+    assert two_workers["fsdp2", "shard"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_parallel_needs_several_workers():
+    from offpolicy.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="train.parallel=fsdp2 is read only with train.workers > 1"):
+        load_config(None, ["train.parallel=fsdp2"])
+    assert load_config(None, ["train.workers=2", "train.parallel=fsdp2"]).train.parallel == "fsdp2"
 
 
 def test_rows_split_every_mini_batch_evenly():
@@ -118,9 +172,12 @@ def test_workers_need_ray_or_a_torchrun_launch_of_that_size(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_train_like_one(tmp_path):
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_torchrun_two_ranks_train_like_one(tmp_path, parallel):
     """``torchrun --nproc_per_node=2 -m offpolicy.cli train train.workers=2``: a sync run whose trainer is two
-    gloo ranks logs the losses of the one-process run (the same batches: generation is rank 0's alone)."""
+    gloo ranks logs the losses of the one-process run (the same batches: generation is rank 0's alone, with
+    the weights the group trained), and its last checkpoint holds the optimiser state of every parameter,
+    numbered as the one-process run's (FSDP2: gathered from the shards)."""
     import shutil
     import subprocess
     import sys
@@ -135,10 +192,17 @@ def test_torchrun_two_ranks_train_like_one(tmp_path):
                    capture_output=True)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "offpolicy.cli", "train", *args,
-                          "train.workers=2", f"run.dir={two}"], env=env, capture_output=True, text=True)
+                          "train.workers=2", f"train.parallel={parallel}", f"run.dir={two}"], env=env,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r1, r2 = read_metrics(one, "train"), read_metrics(two, "train")
     assert len(r1) == len(r2) == 3
     for a, b in zip(r1, r2):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    from offpolicy.train.checkpoint import latest_checkpoint
+
+    last = [torch.load(latest_checkpoint(d) / "trainer.pt", weights_only=False)["optimizer"] for d in (one, two)]
+    assert last[1]["state"].keys() == last[0]["state"].keys() and last[0]["state"]
+    assert {int(v["step"]) for v in last[1]["state"].values()} == {3}
+    assert [g["lr"] for g in last[1]["param_groups"]] == [g["lr"] for g in last[0]["param_groups"]]
