@@ -4,9 +4,10 @@
 
 Every process runs the same command. Rank 0 runs the pipeline as without torchrun (explorer, buffer,
 evaluation, metrics, checkpoints); at each training step it broadcasts the batch to the group and trains
-its share of the rows (:mod:`offpolicy.train.distributed`). Ranks 1..W-1 only train: they build the
-policy, optimiser and schedule from the config, take rank 0's weights and optimiser state with the first
-batch (fresh or resumed alike), and serve steps until rank 0 says the run is over. ``pipeline.mode=ray``
+its share of the rows (:mod:`offpolicy.train.distributed`, ``train.parallel``: DDP or FSDP2), at the
+learning rates of its schedule. Ranks 1..W-1 only train: they build the policy and optimiser from the
+config, take rank 0's weights and optimiser state with the first batch (fresh or resumed alike), and serve
+steps until rank 0 says the run is over. ``pipeline.mode=ray``
 starts its own group of Ray actors instead (:mod:`.ray_runner`).
 
 A rank that dies ends the run (rank 0's collective fails; torchrun tears the group down); resume from the

@@ -137,7 +137,7 @@ class DataParallel:
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(model, broadcast_buffers=False)  # buffers are constants
+            self.model = DistributedDataParallel(model, forward_sync_buffers=False)  # buffers are constants
             self.model.register_comm_hook(None, _sum_hook)
             self.optimizer = optimizer
             return

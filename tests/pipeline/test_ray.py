@@ -145,10 +145,14 @@ def test_killed_explorer_and_a_stop_then_resume_lose_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_trainer_workers_train_like_one(tmp_path):
-    """train.workers=2 (a gloo group: this process and one actor) logs the losses of one worker."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_trainer_workers_train_like_one(tmp_path, parallel):
+    """train.workers=2 (a gloo group: this process and one actor) logs the losses of one worker: the same
+    updates, and the same weights published to the explorer (FSDP2: gathered from the shards), since the
+    batches of steps 2 and 3 are generated with them."""
     one = _run(tmp_path, "w1", "train.steps=3", "pipeline.mode=ray", "eval.every=0")
-    two = _run(tmp_path, "w2", "train.steps=3", "pipeline.mode=ray", "eval.every=0", "train.workers=2")
+    two = _run(tmp_path, "w2", "train.steps=3", "pipeline.mode=ray", "eval.every=0", "train.workers=2",
+               f"train.parallel={parallel}")
     r1, r2 = read_metrics(one, "train"), read_metrics(two, "train")
     assert r1[0]["reward_mean"] == r2[0]["reward_mean"]  # the same first batch (weights of version 0)
     for a, b in zip(r1, r2):
