@@ -203,6 +203,9 @@ class TrainConfig(_Section):
         if self.parallel != "ddp" and self.workers == 1:
             raise ValueError(f"train.parallel={self.parallel} is read only with train.workers > 1 (one trainer "
                              "process has nothing to shard)")
+        if self.compile and self.workers > 1:
+            raise ValueError("train.compile=true is not wired for train.workers > 1 (only rank 0 would compile its "
+                             "forward); use one of the two")
         return self
 
 

@@ -206,3 +206,11 @@ def test_torchrun_two_ranks_train_like_one(tmp_path, parallel):
     assert last[1]["state"].keys() == last[0]["state"].keys() and last[0]["state"]
     assert {int(v["step"]) for v in last[1]["state"].values()} == {3}
     assert [g["lr"] for g in last[1]["param_groups"]] == [g["lr"] for g in last[0]["param_groups"]]
+
+
+def test_compile_is_refused_with_several_workers():
+    from offpolicy.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="train.compile=true is not wired for train.workers > 1"):
+        load_config(None, ["train.workers=2", "train.compile=true"])
+    assert load_config(None, ["train.compile=true"]).train.compile
