@@ -1,8 +1,9 @@
 """Data-parallel training: one optimiser step computed by W processes, equal to the one-process step.
 
-Every rank receives the whole batch (a few MB of token ids), computes the advantages and the plan's
-per-batch log-probs on it, and takes rows ``arange(n).tensor_split(W)[rank]`` of every mini-batch for its
-forward/backward. The loss of each micro-batch is aggregated with the token / sequence counts of the
+Every rank receives the whole batch (a few MB of token ids), computes the advantages on it (they are
+group-wise), and takes rows ``arange(n).tensor_split(W)[rank]`` of every mini-batch for its
+forward/backward; the plan's per-batch log-probs (recomputed pi_old, reference, pi_{k-1}) it computes for
+those rows only. The loss of each micro-batch is aggregated with the token / sequence counts of the
 whole mini-batch (the ``num_tokens`` / ``num_seqs`` the aggregation functions take, see
 :mod:`offpolicy.algos.aggregation`), so each rank's loss is its share of a sum and the **sum** of the
 ranks' gradients is the one-process gradient. ``train.parallel`` says how that sum is made:

@@ -140,6 +140,20 @@ def step_logprobs(model, batch: Batch, plan: StepPlan, *, ref_model=None, prev_m
     return out
 
 
+def _rank_logprobs(model, batch: Batch, plan: StepPlan, dp, **models) -> dict[str, torch.Tensor]:
+    """:func:`step_logprobs` of the rows this rank trains on (data-parallel: its share of every mini-batch),
+    placed at their batch rows (zeros elsewhere, never read), so no rank recomputes another rank's rows."""
+    if dp is None or dp.world == 1:
+        return step_logprobs(model, batch, plan, **models)
+    mine = torch.cat([rows[dp.rows(len(rows))] for rows in torch.arange(len(batch)).tensor_split(plan.mini_batches)])
+    part = step_logprobs(model, batch.select(mine.to(batch.input_ids_BL.device)), plan, **models)
+    full = {}
+    for k, v in part.items():
+        full[k] = v.new_zeros((len(batch), *v.shape[1:]))
+        full[k][mine.to(v.device)] = v
+    return full
+
+
 def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: dict[str, torch.Tensor],
                     algo: Algorithm, plan: StepPlan, *, step: int, sums: dict[str, float],
                     first: bool, loss_weight: float = 1.0, dp=None) -> None:
@@ -259,7 +273,7 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, 
     if batch.input_ids_BL.device != device:
         batch = _to_device(batch, device)
     adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
-    given = step_logprobs(model, batch, plan, ref_model=ref_model, prev_model=prev_model)
+    given = _rank_logprobs(model, batch, plan, dp, ref_model=ref_model, prev_model=prev_model)
     sums: dict[str, float] = {}
     n_steps = 0
     for _ in range(plan.updates_per_batch):
