@@ -138,7 +138,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _summary(cfg, resume: bool) -> str:
     """One screen: what runs, and every key that differs from the defaults (the whole resolved config is in
     config.yaml / config.json of the run directory, and ``offpolicy config`` describes each key)."""
-    from offpolicy.config import Config
+    from offpolicy.config import Config, shareable
 
     t, r = cfg.tasks, cfg.rollout
     source = t.preset or t.name
@@ -149,7 +149,8 @@ def _summary(cfg, resume: bool) -> str:
             f"prompts x {r.group_size} responses, pipeline {cfg.pipeline.mode}, evaluation on {t.eval_size} "
             f"{_eval_label(cfg)} tasks every {cfg.eval.every or '-'} steps")
     defaults = _flat(Config().model_dump(mode="json"))
-    changed = [f"  {k} = {v!r}" for k, v in _flat(cfg.model_dump(mode="json")).items() if defaults.get(k, object()) != v]
+    changed = [f"  {k} = {v!r}" for k, v in _flat(shareable(cfg.model_dump(mode="json"))).items()
+               if defaults.get(k, object()) != v]
     limit = 20
     if len(changed) > limit:
         changed = changed[:limit] + [f"  ... and {len(changed) - limit} more"]
@@ -175,7 +176,7 @@ def _train_config(args):
     import json
     from pathlib import Path
 
-    from offpolicy.config import ConfigError, load_config
+    from offpolicy.config import ConfigError, load_config, shareable
     from offpolicy.pipeline.replay import apply_preset_defaults
     from offpolicy.train.checkpoint import latest_checkpoint
 
@@ -192,7 +193,7 @@ def _train_config(args):
         run_dir = Path(cfg.run.dir)
         notes.append(f"run.dir {run_dir} holds a checkpoint: resuming it (use another run.dir for a new run)")
     saved = json.loads((run_dir / "config.json").read_text())
-    changed = _changed_keys(saved, apply_preset_defaults(cfg).model_dump(mode="json"))
+    changed = _changed_keys(saved, shareable(apply_preset_defaults(cfg).model_dump(mode="json")))
     if changed and not args.allow_changed_config:
         raise ConfigError(f"resuming {run_dir} with settings that differ from its config.json:\n  "
                           + "\n  ".join(changed) + "\nadd --allow-changed-config to resume with them, or use "

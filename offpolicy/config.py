@@ -433,6 +433,25 @@ class Config(_Section):
 # ---------------------------------------------------------------------------- loading
 
 
+def without_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part removed (the driver then reads it from
+    ``PGPASSWORD`` / ``~/.pgpass`` or the like)."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in auth or "/" in auth:  # no user:password@ before the host
+        return url
+    return f"{scheme}://{auth.split(':', 1)[0]}@{host}"
+
+
+def shareable(dump: dict) -> dict:
+    """A config dump (``Config.model_dump(mode="json")``) fit to be written to the run directory, printed and
+    sent to trackers: ``buffer.url`` loses its password. Resuming compares against this form."""
+    url = dump.get("buffer", {}).get("url")
+    if not url:
+        return dump
+    return {**dump, "buffer": {**dump["buffer"], "url": without_password(url)}}
+
+
 def _check_keys(data: Any, model: type[BaseModel], prefix: str = "") -> None:
     """Raise ConfigError for the first unknown key, naming the closest valid one."""
     if not isinstance(data, dict):

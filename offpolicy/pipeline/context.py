@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from offpolicy.config import Config, ConfigError
+from offpolicy.config import Config, ConfigError, shareable
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -299,7 +299,7 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
         run_dir = Path(cfg.run.dir) if run_dir is None else run_dir
     elif run_dir is None:
         run_dir = make_run_dir(cfg)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    (run_dir / "config.json").write_text(json.dumps(shareable(cfg.model_dump(mode="json")), indent=2))
     plan.save(run_dir)
     train_tasks, eval_tasks = task_source(cfg, tokenizer)
     return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, plan, ref_model, train_tasks, eval_tasks,

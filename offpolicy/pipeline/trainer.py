@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from offpolicy.algos import tool_call_reward, tool_call_reward_weight
+from offpolicy.config import shareable
 from offpolicy.data.experience import Experience, collate
 from offpolicy.pipeline.context import RunContext
 from offpolicy.pipeline.resume import RunStopped
@@ -80,7 +81,7 @@ class TrainLoop:
         self.cfg = ctx.cfg
         self.strategy = strategy
         self.step_fn = step_fn
-        self.writer = MetricsWriter(ctx.run_dir, loggers=self.cfg.run.loggers, config=self.cfg.model_dump(mode="json"),
+        self.writer = MetricsWriter(ctx.run_dir, loggers=self.cfg.run.loggers, config=shareable(self.cfg.model_dump(mode="json")),
                                     project=self.cfg.run.project)
         self.progress = progress
         if progress:  # before the first evaluation, so that its line goes to the run's log

@@ -180,3 +180,41 @@ def test_a_database_that_cannot_be_opened_is_a_config_error(tmp_path, postgres_s
     cfg = load_config(None, ["buffer.kind=sql", f"buffer.url={url.render_as_string(hide_password=False)}"])
     with pytest.raises(ConfigError, match="cannot open the database.*no_such_database"):
         open_run_buffer(cfg, tmp_path)
+
+
+def test_the_password_in_buffer_url_is_never_written_and_a_resume_takes_it_again(tmp_path, pg_url, capsys):
+    """config.json / config.yaml / run.log / the tracker / stdout hold the URL without its password (the
+    server here trusts local connections, so a password is accepted and not needed); resuming with the full
+    URL again is no changed setting, and resuming without it runs on the stored, password-less URL."""
+    import json
+
+    import sqlalchemy
+
+    from offpolicy.cli import main
+    from offpolicy.config import without_password
+
+    secret = "s3cret-pw"
+    url = sqlalchemy.engine.make_url(pg_url).set(password=secret).render_as_string(hide_password=False)
+    run_dir = tmp_path / "run"
+    args = [*TINY, "run.loggers=[tensorboard]", "checkpoint.every=1", "buffer.kind=sql"]
+    assert main(["train", *args, f"buffer.url={url}", f"run.dir={run_dir}"]) == 0
+    printed = capsys.readouterr()
+    assert secret.encode() not in (printed.out + printed.err).encode()
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.parent.name == "tb" or "tb" in p.parts for p in written)  # the tracker's files are searched too
+    assert not [p for p in written if secret.encode() in p.read_bytes()]
+    assert json.loads((run_dir / "config.json").read_text())["buffer"]["url"] == without_password(url) != url
+    assert main(["train", "--resume", str(run_dir), f"buffer.url={url}", "train.steps=3", "--allow-changed-config"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with a changed setting: train.steps: 2 -> 3" in out and "changed setting: buffer.url" not in out
+    assert main(["train", "--resume", str(run_dir), "train.steps=4", "--allow-changed-config"]) == 0
+    assert query(pg_url, "SELECT COUNT(*) FROM retired") == [(4 * 4 * 4,)]  # 4 batches, each row used once
+
+
+def test_without_password():
+    from offpolicy.config import without_password
+
+    assert without_password("postgresql+psycopg://u:p@w@db.example:5432/x") == "postgresql+psycopg://u@db.example:5432/x"
+    assert without_password("postgresql://u@h/x") == "postgresql://u@h/x"
+    assert without_password("sqlite:////tmp/a@b/buffer.db") == "sqlite:////tmp/a@b/buffer.db"
+    assert without_password("sqlite:////tmp/x:y@z/buffer.db") == "sqlite:////tmp/x:y@z/buffer.db"
