@@ -155,6 +155,29 @@ def check_params(fn: Callable, params: dict[str, Any], where: str) -> None:
         if choices is not None and value not in choices:
             shown = [c for c in choices if c is not None] + ([None] if None in choices else [])
             raise ValueError(f"{where}: {key}={value!r} is not valid; valid: {shown}")
+        kind = _scalar_kind(hints.get(key))
+        if kind is not None and not _is_kind(value, *kind):
+            yaml_hint = " (YAML reads 1e9 as text: write 1.0e+9)" if isinstance(value, str) else ""
+            raise ValueError(f"{where}: {key}={value!r} is not {kind[0].__name__}"
+                             f"{' or None' if kind[1] else ''}{yaml_hint}")
+
+
+def _scalar_kind(annotation: Any) -> tuple[type, bool] | None:
+    """(float / int / bool, whether None is allowed) for such an annotation or its Optional; else None."""
+    args = (typing.get_args(annotation) if typing.get_origin(annotation) in (Union, types.UnionType)
+            else (annotation,))
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (float, int, bool):
+        return None
+    return kinds[0], len(kinds) < len(args)
+
+
+def _is_kind(value: Any, kind: type, optional: bool) -> bool:
+    if value is None:
+        return optional
+    if kind is bool:
+        return isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
 
 
 def bind(family: str, name: str, params: dict[str, Any] | None = None) -> Callable:

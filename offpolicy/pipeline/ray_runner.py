@@ -47,6 +47,7 @@ from offpolicy.pipeline.trainer import RunResult, TrainLoop
 from offpolicy.data.sampling import Selection
 from offpolicy.rewards.guard import RewardFaultError
 from offpolicy.train.step import train_step
+from offpolicy.train.distributed import with_rank0_logprobs
 
 
 class TrainerDied(RuntimeError):
@@ -197,8 +198,10 @@ class TrainerWorker:
         self.dp.prepare(self.model, self.optimizer, lambda m: make_optimizer(self.cfg, m)[0])
         self.model = self.optimizer = None  # FSDP2: the unsharded originals are freed
 
-    def train(self, batch, step: int, lrs: list[float]) -> None:
-        self.dp.train(batch, self.algo, self.plan, lrs=lrs, step=step)
+    def train(self, batch, algo, plan, lrs: list[float], step_kw: dict) -> None:
+        """One step as rank 0 takes it: its algorithm and plan (the main one, or SPEAR's self-imitation
+        pass), its batch (with the reference / pi_{k-1} log-probs on it) and keywords (step, loss_weight)."""
+        self.dp.train(batch, algo, plan, lrs=lrs, **step_kw)
 
     def optimizer_state(self) -> None:
         """Join rank 0's gathering of the sharded optimiser state (FSDP2, for a checkpoint)."""
@@ -442,10 +445,6 @@ class TrainerGroup:
         from offpolicy.train.distributed import backend_for, free_address, join
 
         cfg = ctx.cfg
-        if ctx.plan.prev_logp != "unused" or "self_imitation" in ctx.algo.settings:
-            raise ConfigError(f"train.workers={workers}: algorithm.preset={cfg.algorithm.preset} keeps trainer state "
-                              "beyond the weights (KL-Convex's pi_k-1, SPEAR's self-imitation buffer) that the data-"
-                              "parallel workers do not hold; use train.workers=1")
         self.ray = ray
         gpus = 1 if cfg.model.device.startswith("cuda") else 0
         cls = ray.remote(num_cpus=cfg.pipeline.explorer_cpus, num_gpus=gpus, max_restarts=0)(TrainerWorker)
@@ -486,7 +485,8 @@ class TrainerGroup:
         if self.broken:
             raise TrainerDied(self.broken, intact=self._recoverable)
         lrs = _lrs(optimizer)
-        futures = [w.train.remote(batch, kw.get("step", 1), lrs) for w in self.workers]
+        batch, kw = with_rank0_logprobs(batch, plan, **kw)
+        futures = [w.train.remote(batch, algo, plan, lrs, kw) for w in self.workers]
         before = _optimizer_steps(self.dp.optimizer)
         try:
             stats = self.dp.train(batch, algo, plan, lrs=lrs, full=model, **kw)

@@ -65,8 +65,9 @@ class SelfImitation:
         keep = (adv > 0).nonzero().flatten().tolist()
         return [exps[i] for i in keep], adv[keep]
 
-    def after_step(self, ctx, exps: list[Experience], adv_N: torch.Tensor, step: int) -> dict:
-        """Observe the batch; replay if triggered. Returns the step's ``sil/*`` metrics."""
+    def after_step(self, ctx, exps: list[Experience], adv_N: torch.Tensor, step: int, step_fn=train_step) -> dict:
+        """Observe the batch; replay if triggered. Returns the step's ``sil/*`` metrics. ``step_fn``: the
+        trainer's (a data-parallel group's, so that every rank takes the replay pass too)."""
         inserted = self.observe(exps, adv_N, step)
         cands, adv = self.candidates()
         out = {"sil/inserted": inserted, "sil/buffer_size": len(self.entries), "sil/candidates": len(cands),
@@ -80,8 +81,8 @@ class SelfImitation:
             out.update({"sil/replayed_samples": n, "sil/adv_mean": float(adv[pick].mean())})
             if out["sil/weight"] > 0:
                 batch = collate(replay, ctx.tokenizer.pad_token_id)
-                stats = train_step(ctx.model, ctx.optimizer, batch, self.algo, self.plan, step=step,
-                                   loss_weight=out["sil/weight"])
+                stats = step_fn(ctx.model, ctx.optimizer, batch, self.algo, self.plan, step=step,
+                                loss_weight=out["sil/weight"])
                 out.update({f"sil/{k}": v for k, v in stats.items() if k in ("loss", "grad_norm")
                             or k.startswith("loss/")})
         out["sil/replay_passes"] = self.passes

@@ -53,8 +53,9 @@ def check_launch(cfg: Config) -> None:
 class TorchrunGroup:
     """Rank 0's side: :meth:`train_step` is the runner's ``step_fn``; :meth:`close` releases the workers.
 
-    Messages to the workers (one ``broadcast_object_list`` each): a step (the batch, its number, rank 0's
-    learning rates, and with the first one rank 0's weights and optimiser state), ``"optimizer_state"``
+    Messages to the workers (one ``broadcast_object_list`` each): a step (the batch with the reference /
+    pi_{k-1} log-probs on it, the algorithm and plan of the pass, its keywords, rank 0's learning rates, and
+    with the first one rank 0's weights and optimiser state), ``"optimizer_state"``
     (FSDP2: join the gathering of the sharded optimiser state for a checkpoint), or None (the run is over)."""
 
     def __init__(self, cfg: Config):
@@ -70,8 +71,11 @@ class TorchrunGroup:
         state = None
         if not self.started:  # the first step: the workers take this rank's weights and optimiser state
             state = ({k: v.detach().cpu() for k, v in trainable_state(model).items()}, optimizer.state_dict())
+        from offpolicy.train.distributed import with_rank0_logprobs
+
         lrs = [g["lr"] for g in optimizer.param_groups]
-        _send({"batch": batch, "step": kw.get("step", 1), "lrs": lrs, "state": state})
+        batch, kw = with_rank0_logprobs(batch, plan, **kw)
+        _send({"batch": batch, "algo": algo, "plan": plan, "kw": kw, "lrs": lrs, "state": state})
         if not self.started:
             self._start(model, optimizer)
         return self.dp.train(batch, algo, plan, lrs=lrs, full=model, **kw)
@@ -121,6 +125,6 @@ def serve(cfg: Config) -> int:
                 continue
             if msg["state"] is not None:
                 worker.start(*msg["state"])
-            worker.train(msg["batch"], msg["step"], msg["lrs"])
+            worker.train(msg["batch"], msg["algo"], msg["plan"], msg["lrs"], msg["kw"])
     finally:
         worker.close()

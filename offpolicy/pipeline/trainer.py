@@ -163,7 +163,8 @@ class TrainLoop:
         stats = self.step_fn(ctx.model, ctx.optimizer, batch, ctx.algo, ctx.plan, ref_model=ctx.ref_model,
                            prev_model=self.prev_model, step=step)
         if self.sil is not None:
-            stats.update(self.sil.after_step(ctx, exps, ctx.algo.adv_fn(batch.rewards_B, batch.group_ids_B), step))
+            stats.update(self.sil.after_step(ctx, exps, ctx.algo.adv_fn(batch.rewards_B, batch.group_ids_B), step,
+                                             step_fn=self.step_fn))
         ctx.scheduler.step()
         if start is not None:
             self.prev_model.load_state_dict(start)

@@ -76,6 +76,26 @@ def join_from_env(*, parallel: str = "ddp", backend: str = "gloo", timeout_s: fl
     return DataParallel(dist.get_rank(), dist.get_world_size(), parallel)
 
 
+def with_rank0_logprobs(batch, plan, *, ref_model=None, prev_model=None, **step_kw):
+    """Rank 0, before a step goes to the group: ``(batch, step_kw)`` where the batch carries, for all its
+    rows, the log-probs of the models only rank 0 holds, the reference (``ref_logp_BT``) and pi_{k-1}
+    (``prev_logp_BT``, KL-Convex), as the plan reads them; the other ranks read them off the batch. Costs
+    rank 0 one no-grad forward of the batch per such model (the others hold no copy)."""
+    from dataclasses import replace
+
+    from offpolicy.train.step import _to_device, response_logp
+
+    add = {}
+    for field, model, wanted in (("ref_logp_BT", ref_model, plan.ref_logp), ("prev_logp_BT", prev_model, plan.prev_logp)):
+        if wanted == "unused" or getattr(batch, field) is not None:
+            continue
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            logp = response_logp(model, _to_device(batch, device), temperature=plan.temperature)[0]
+        add[field] = logp.to(batch.input_ids_BL.device)
+    return (replace(batch, **add) if add else batch), step_kw
+
+
 def _sum_hook(state, bucket):
     """DDP communication hook: all-reduce SUM (DDP's default divides by W; the losses are already shares
     of the one-process sum, so the gradients must be added, not averaged)."""

@@ -123,7 +123,8 @@ def _stat(x) -> float:
 def step_logprobs(model, batch: Batch, plan: StepPlan, *, ref_model=None, prev_model=None) -> dict[str, torch.Tensor]:
     """The (B, T) log-probs the plan computes once per batch, before any update: ``old_logp`` /
     ``center_logp`` ('recompute': the step-start policy; 'behav': the batch's behav_logp), ``ref_logp``
-    (the reference; kept if the batch already carries it) and ``prev_logp`` (pi_{k-1})."""
+    (the reference) and ``prev_logp`` (pi_{k-1}); each of the last two kept if the batch already carries it
+    (a data-parallel rank receives them from rank 0)."""
     out: dict[str, torch.Tensor] = {}
     T = plan.temperature
     with torch.no_grad():
@@ -131,7 +132,8 @@ def step_logprobs(model, batch: Batch, plan: StepPlan, *, ref_model=None, prev_m
             out["ref_logp"] = (batch.ref_logp_BT if batch.ref_logp_BT is not None
                                else response_logp(ref_model, batch, temperature=T)[0])
         if plan.prev_logp != "unused":
-            out["prev_logp"] = response_logp(prev_model, batch, temperature=T)[0]
+            out["prev_logp"] = (batch.prev_logp_BT if batch.prev_logp_BT is not None
+                                else response_logp(prev_model, batch, temperature=T)[0])
         if "recompute" in (plan.old_logp, plan.center_logp):
             start_BT = response_logp(model, batch, temperature=T)[0]
             out.update({k: start_BT for k in ("old_logp", "center_logp") if getattr(plan, k) == "recompute"})

@@ -123,6 +123,19 @@ def test_literal_values_are_checked_at_bind_time_with_the_valid_ones():
     bind("policy_loss", "ppo_clip", {"ratio_to": "behav"})  # valid values bind
 
 
+def test_numbers_and_flags_are_checked_at_bind_time():
+    """A value YAML left as text (``cov_lb=1e9``: YAML 1.1 reads it as a string) fails at bind time, naming the
+    key and the type, not at the first step's comparison."""
+    with pytest.raises(ValueError, match=r"cov_lb='1e9' is not float \(YAML reads 1e9 as text: write 1.0e\+9\)"):
+        bind("policy_loss", "sil", {"cov_lb": "1e9"})
+    with pytest.raises(ValueError, match=r"dual_clip=True is not float or None$"):
+        bind("policy_loss", "ppo_clip", {"dual_clip": True})
+    with pytest.raises(ValueError, match=r"unbiased_std=1 is not bool"):
+        bind("advantage", "grpo", {"unbiased_std": 1})
+    bind("policy_loss", "sil", {"cov_lb": 5, "eps_low": 0.1})  # an int where a float is expected is fine
+    bind("policy_loss", "ppo_clip", {"dual_clip": None})
+
+
 DECLARED = {  # (loss, params) -> the log-probs it declares it reads
     ("ppo_clip", ()): {"old_logp"},
     ("ppo_clip", (("ratio_to", "behav"),)): {"behav_logp"},

@@ -4,6 +4,7 @@ sequence means, Dr. GRPO's constant normaliser), with micro- and mini-batches, g
 binds, and rows of unequal length (so the ranks' token counts differ and only global counts give the
 right normalisation)."""
 
+import copy
 import os
 
 import pytest
@@ -19,6 +20,8 @@ CASES = [
     ("gspo", ["train.mini_batches=2", "train.micro_batches=2"]),  # seq_mean_token_mean
     ("rloo", []),  # seq_mean_token_sum
     ("dr_grpo", ["train.updates_per_batch=2"]),  # seq_mean_token_sum_norm
+    # KL to the reference and KL-Convex to pi_{k-1}: models only rank 0 holds (their log-probs travel on the batch)
+    ("remix", ["algorithm.kl_coef=0.5", "algorithm.kl_convex.start=0", "algorithm.kl_convex.every=1"]),
 ]
 PARALLEL = ["ddp", "fsdp2"]
 BASE = ["rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "train.threads=1"]
@@ -58,12 +61,24 @@ def _train_once(overrides: list[str], dp=None) -> tuple[dict, dict, dict]:
 
     opt = adamw(model)
     batch = _batch(model.config.vocab_size, tok.pad_token_id)
+    models = {}  # the reference and pi_{k-1}: copies moved away from the policy, so both KL terms have a gradient
+    for name, kind, seed in (("ref_model", plan.ref_logp, 2), ("prev_model", plan.prev_logp, 3)):
+        if kind != "unused":
+            models[name] = other = copy.deepcopy(model).eval().requires_grad_(False)
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in other.parameters():
+                    p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    step = 60  # past ReMix's KL-Convex start, so lambda(step) > 0 for the remix case
     if dp is None:
-        stats = train_step(model, opt, batch, algo, plan, step=1)
+        stats = train_step(model, opt, batch, algo, plan, step=step, **models)
         state = opt.state_dict()
     else:
+        from offpolicy.train.distributed import with_rank0_logprobs
+
+        batch, kw = with_rank0_logprobs(batch, plan, step=step, **models)  # what rank 0 sends with the batch
         dp.prepare(model, opt, adamw)
-        stats = dp.train(batch, algo, plan, lrs=[cfg.train.lr], full=model, step=1)
+        stats = dp.train(batch, algo, plan, lrs=[cfg.train.lr], full=model, **kw)
         state = dp.optimizer_state(model) if dp.parallel == "fsdp2" else opt.state_dict()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats, state
 
@@ -128,6 +143,11 @@ def test_two_gloo_workers_give_the_one_worker_update(two_workers, one_worker, pa
     for i, moments in opt_one["state"].items():
         for name, value in moments.items():
             torch.testing.assert_close(opt_two["state"][i][name].to(value.dtype), value, atol=1e-6, rtol=0)
+
+
+def test_both_kl_terms_act_in_the_remix_case(one_worker):
+    _, stats, _ = one_worker["remix"]
+    assert stats["kl_ref"] > 1e-3 and stats["kl_prev"] > 1e-3 and stats["kl_convex_lambda"] > 0
 
 
 def test_clipping_binds_in_the_clipped_case(one_worker):
