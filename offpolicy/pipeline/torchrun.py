@@ -67,12 +67,11 @@ class TorchrunGroup:
 
     def train_step(self, model, optimizer, batch, algo, plan, **kw) -> dict:
         from offpolicy.rollout.model import trainable_state
+        from offpolicy.train.distributed import with_rank0_logprobs
 
         state = None
         if not self.started:  # the first step: the workers take this rank's weights and optimiser state
             state = ({k: v.detach().cpu() for k, v in trainable_state(model).items()}, optimizer.state_dict())
-        from offpolicy.train.distributed import with_rank0_logprobs
-
         lrs = [g["lr"] for g in optimizer.param_groups]
         batch, kw = with_rank0_logprobs(batch, plan, **kw)
         _send({"batch": batch, "algo": algo, "plan": plan, "kw": kw, "lrs": lrs, "state": state})

@@ -81,8 +81,8 @@ class TrainLoop:
         self.cfg = ctx.cfg
         self.strategy = strategy
         self.step_fn = step_fn
-        self.writer = MetricsWriter(ctx.run_dir, loggers=self.cfg.run.loggers, config=shareable(self.cfg.model_dump(mode="json")),
-                                    project=self.cfg.run.project)
+        self.writer = MetricsWriter(ctx.run_dir, loggers=self.cfg.run.loggers,
+                                    config=shareable(self.cfg.model_dump(mode="json")), project=self.cfg.run.project)
         self.progress = progress
         if progress:  # before the first evaluation, so that its line goes to the run's log
             progress.begin(ctx.run_dir, self.cfg.train.steps, done=resumed["step"] if resumed else 0)

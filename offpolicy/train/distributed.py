@@ -86,7 +86,8 @@ def with_rank0_logprobs(batch, plan, *, ref_model=None, prev_model=None, **step_
     from offpolicy.train.step import _to_device, response_logp
 
     add = {}
-    for field, model, wanted in (("ref_logp_BT", ref_model, plan.ref_logp), ("prev_logp_BT", prev_model, plan.prev_logp)):
+    wanted_by = (("ref_logp_BT", ref_model, plan.ref_logp), ("prev_logp_BT", prev_model, plan.prev_logp))
+    for field, model, wanted in wanted_by:
         if wanted == "unused" or getattr(batch, field) is not None:
             continue
         device = next(model.parameters()).device
