@@ -15,7 +15,9 @@ own copy of the policy, optimiser, engine and explorer (same seeds), built from 
 - ``compile``: fused + ``train.compile=true``;
 - ``static``: fused + ``rollout.kv_cache=static``;
 - ``compile_decode``: static + ``rollout.compile_decode=true``;
-- ``all``: fused + bf16 + compile + static + compiled decode.
+- ``all``: fused + bf16 + compile + static + compiled decode;
+- ``lean``: ``model.forward_impl=lean`` (offpolicy's functional Llama forward, engine and trainer);
+- ``lean_compile``: lean + ``train.compile=true``.
 
 Per step: generation seconds (``Explorer.explore``: sampling + reward, the runner's ``gen_s``), training
 seconds (collate + ``train_step`` + scheduler, the runner's ``train_s``), their sum, ``engine_kl`` and
@@ -59,6 +61,8 @@ VARIANTS = {
     "static": [*FUSED, *STATIC],
     "compile_decode": [*FUSED, *STATIC, "rollout.compile_decode=true"],
     "all": [*FUSED, "model.autocast=bfloat16", "train.compile=true", *STATIC, "rollout.compile_decode=true"],
+    "lean": ["model.forward_impl=lean"],
+    "lean_compile": ["model.forward_impl=lean", "train.compile=true"],
 }
 QUICK = ["baseline", "fused", "bf16", "static"]  # nothing that compiles: seconds, not minutes
 # quick: a small batch, rewards scored in-process (no worker pool per variant)
@@ -137,11 +141,14 @@ def _build(name: str, base_cfg_overrides: list[str], ctx, tmp: Path, threads: in
     from offpolicy.config import load_config
     from offpolicy.pipeline.context import make_optimizer, task_source
     from offpolicy.pipeline.explorer import Explorer
+    from offpolicy.rollout.lean import enable_lean_forward
     from offpolicy.rollout.model import enable_autocast
     from offpolicy.train.step import compile_forward
 
     cfg = load_config(None, [*base_cfg_overrides, *VARIANTS[name]])
     model = copy.deepcopy(ctx.model)  # the same initial weights for every variant
+    if cfg.model.forward_impl == "lean":
+        enable_lean_forward(model)
     if cfg.model.autocast:
         enable_autocast(model, cfg.model.autocast)
     if cfg.train.compile:

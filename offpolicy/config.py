@@ -38,6 +38,17 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (less memory, ~30% more compute; the trainer then runs one full forward per row instead of sharing the prompt).")
     attn_implementation: str | None = Field(None, description="Attention kernel passed to from_pretrained ('eager', 'sdpa', 'flash_attention_2', ...); None = the transformers default.")
     lora: LoraConfig = Field(LoraConfig(), description="LoRA adapter (PEFT); off by default.")
+    forward_impl: Literal["transformers", "lean"] = Field("transformers", description="The policy's forward (engine, trainer, reference alike): 'transformers' = the model class's own; 'lean' = offpolicy's functional forward for Llama / Qwen2 / Mistral (offpolicy/rollout/lean.py) over the same parameters: the same function to float rounding without transformers' per-module bookkeeping, for small models where that costs as much as the arithmetic (docs/benchmarks.md). Refused for other architectures, sliding-window attention, LoRA, gradient checkpointing, model.attn_implementation and rollout.kv_cache=static.")
+
+    @model_validator(mode="after")
+    def _lean_with(self) -> "ModelConfig":
+        if self.forward_impl == "lean":
+            clash = [k for k, on in (("lora.r", self.lora.r > 0), ("gradient_checkpointing", self.gradient_checkpointing),
+                                     ("attn_implementation", self.attn_implementation is not None)) if on]
+            if clash:
+                raise ValueError(f"model.{clash[0]} is not honoured by model.forward_impl=lean (it computes attention "
+                                 "itself and calls no layer module); use model.forward_impl=transformers")
+        return self
 
 
 class TasksConfig(_Section):
@@ -419,6 +430,12 @@ class Config(_Section):
             if ray_keys:
                 raise ValueError(f"pipeline.{ray_keys[0]} needs pipeline.mode=ray (pipeline.mode={p.mode} runs one "
                                  "explorer)")
+        if self.model.forward_impl == "lean" and self.rollout.kv_cache == "static":
+            raise ValueError("rollout.kv_cache=static is not honoured by model.forward_impl=lean (it keeps a dynamic "
+                             "cache); use one of the two")
+        if self.model.forward_impl == "lean" and self.train.parallel == "fsdp2":
+            raise ValueError("train.parallel=fsdp2 needs model.forward_impl=transformers (fully_shard gathers each "
+                             "layer's weights in that layer's forward, which the lean forward does not call)")
         if self.train.workers > 1 and self.train.mini_batches * self.train.micro_batches * self.train.workers > rows:
             raise ValueError(f"train.workers={self.train.workers} x train.mini_batches x train.micro_batches must not "
                              f"exceed the batch size ({rows} rows): every worker needs rows in every micro-batch")

@@ -66,16 +66,28 @@ def score_one(fn: Callable[[str, str], float], response: str, truth: str) -> Sco
 
 
 WORKER_START_S = 120.0  # a worker's start-up (importing the reward's module) is not the reward's time
+FLUSH_S = 0.005  # the worker sends its results at least this often (one message, not one per sample)
+TICK_S = 0.02  # the parent looks at the worker's progress this often while it waits
 
 
-def _worker(fn, conn) -> None:
+def _worker(fn, conn, progress) -> None:
+    """Score each job (a list of pairs) in order. ``progress`` counts the samples finished (shared memory), so
+    the parent can time each sample; the results go back in lists, at least every FLUSH_S, at each fault and at
+    the end."""
     conn.send(None)  # ready: ``fn`` arrived, so its module is imported
     while True:
         job = conn.recv()
         if job is None:
             return
+        done, since = [], time.monotonic()
         for response, truth in job:
-            conn.send(score_one(fn, response, truth))
+            done.append(score_one(fn, response, truth))
+            progress.value += 1
+            if done[-1].fault is not None or time.monotonic() - since >= FLUSH_S:  # a fault is reported at once
+                conn.send(done)
+                done, since = [], time.monotonic()
+        if done:
+            conn.send(done)
 
 
 class FirstFaults:
@@ -130,7 +142,9 @@ class GuardedReward:
         against the first sample's limit. A worker that cannot load the function never will: stop."""
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_worker, args=(self.fn, child), daemon=True, name="offpolicy-reward")
+        self._progress = ctx.RawValue("q", 0)
+        self._proc = ctx.Process(target=_worker, args=(self.fn, child, self._progress), daemon=True,
+                                 name="offpolicy-reward")
         self._proc.start()
         child.close()
         try:
@@ -162,33 +176,55 @@ class GuardedReward:
                     raise self._overdue(len(out), len(pairs))
                 out.append(self._record(score_one(self.fn, r, t)))
             return out
-        out: list[Scored] = []
-        while len(out) < len(pairs):
+        results: dict[int, Scored] = {}
+        while len(results) < len(pairs):
             if self._proc is None or not self._proc.is_alive():
                 t0 = time.monotonic()
                 self._start()
                 deadline = None if deadline is None else deadline + time.monotonic() - t0  # start-up is not scoring
-            pending = list(pairs[len(out):])
-            self._conn.send(pending)
-            for _ in pending:
-                limit = time.monotonic() + self.timeout_s
-                until = limit if deadline is None else min(limit, deadline)
-                if not self._conn.poll(max(until - time.monotonic(), 0)):
-                    alive = self._proc.is_alive()
-                    self._kill()
-                    if alive and until < limit:  # the batch's deadline came before the sample's own limit
-                        raise self._overdue(len(out), len(pairs))
-                    kind = "timeout" if alive else "worker_died"
-                    out.append(self._record(Scored(None, kind, f"reward did not return within {self.timeout_s} s"
-                                                   if alive else "the reward worker process died")))
-                    break
-                try:
-                    out.append(self._record(self._conn.recv()))
-                except EOFError:
-                    self._kill()
-                    out.append(self._record(Scored(None, "worker_died", "the reward worker process died")))
-                    break
-        return out
+            todo = [i for i in range(len(pairs)) if i not in results]
+            self._conn.send([pairs[i] for i in todo])
+            self._collect(todo, results, deadline, len(pairs))
+        return [results[i] for i in range(len(pairs))]
+
+    def _collect(self, todo: list[int], results: dict[int, Scored], deadline: float | None, total: int) -> None:
+        """Receive the worker's results for ``todo`` (sent in order) into ``results``, timing each sample from
+        the moment the worker's progress counter says the one before finished. A sample past its limit is a
+        time-out (the worker is killed); results the worker held but had not sent yet are lost with it and
+        scored again by the next worker."""
+        base = seen = self._progress.value
+        clock = time.monotonic()  # when the sample in progress started, as far as the parent can see
+        got = 0
+        while got < len(todo):
+            limit = clock + self.timeout_s
+            until = limit if deadline is None else min(limit, deadline)
+            try:
+                if self._conn.poll(min(max(until - time.monotonic(), 0), TICK_S)):
+                    for s in self._conn.recv():
+                        results[todo[got]] = self._record(s)
+                        got += 1
+                    continue
+            except EOFError:
+                pass  # the worker died: handled below like a silent one
+            now, progress = time.monotonic(), self._progress.value
+            alive = self._proc.is_alive()
+            if progress != seen and alive:
+                seen, clock = progress, now  # a sample finished: the next one's clock starts
+                continue
+            if alive and now < until:
+                continue
+            if not alive:
+                seen = progress  # it died in the sample after the last one it finished
+            self._kill()
+            if alive and until < limit:  # the batch's deadline came before the sample's own limit
+                raise self._overdue(len(results), total)
+            if seen - base > got:  # samples before it returned (their results are lost, scored again): not in a row
+                self.consecutive_timeouts = 0
+            stuck = todo[min(seen - base, len(todo) - 1)]  # the sample in progress when it stopped
+            results[stuck] = self._record(
+                Scored(None, "timeout", f"reward did not return within {self.timeout_s} s") if alive
+                else Scored(None, "worker_died", "the reward worker process died"))
+            return
 
     def _record(self, s: Scored) -> Scored:
         """Report a fault, count consecutive time-outs, and trip the circuit breaker."""

@@ -114,8 +114,6 @@ def policy_from_config(model_cfg, *, training: bool = True):
 
     model, tokenizer = load_policy(model_cfg.path, device=model_cfg.device, dtype=model_cfg.dtype,
                                    attn_implementation=model_cfg.attn_implementation)
-    if model_cfg.autocast is not None:
-        enable_autocast(model, model_cfg.autocast)
     if training and model_cfg.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ConfigError(f"model.gradient_checkpointing: {type(model).__name__} does not support it")
@@ -125,6 +123,15 @@ def policy_from_config(model_cfg, *, training: bool = True):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    if model_cfg.forward_impl == "lean":  # config validation refuses LoRA / checkpointing / attn_implementation with it
+        from offpolicy.rollout.lean import enable_lean_forward, unsupported
+
+        why = unsupported(model)
+        if why is not None:
+            raise ConfigError(f"model.forward_impl=lean: {model_cfg.path}: {why}; use model.forward_impl=transformers")
+        enable_lean_forward(model)
+    if model_cfg.autocast is not None:  # wraps the forward installed above
+        enable_autocast(model, model_cfg.autocast)
     lora = model_cfg.lora
     if lora.r > 0:
         model = add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
@@ -169,7 +176,9 @@ def enable_autocast(model, dtype: str) -> None:
         if not bf16_matmul_units(next(model.parameters()).device):
             return
         dtype = "bfloat16"
-    forward = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))(type(model).forward)
+    current = model.forward  # the lean forward when installed (model.forward_impl=lean), else the class's
+    body = current.__func__ if isinstance(current, types.MethodType) else type(model).forward
+    forward = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))(body)
     # bound as a method, so that copy.deepcopy (the KL reference, ReMix's pi_{k-1}) rebinds it to the copy
     model.forward = types.MethodType(forward, model)
 

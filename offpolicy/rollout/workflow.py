@@ -79,16 +79,18 @@ def single_turn(engine, tokenizer, tasks: Sequence, scorer: Scorer, *, sampling:
     prompts = [encode_prompt(tokenizer, t) for t in tasks]
     ro = engine.generate(prompts, n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                          top_p=s.top_p, top_k=s.top_k, greedy=s.greedy, generator=generator)
-    texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+    # lists, not tensors: the tokenizer converts tensors element by element
+    texts = tokenizer.batch_decode([r.tolist() for r in ro.response_ids], skip_special_tokens=True)
     scores = scorer([(text, tasks[p].answer, tasks[p].prompt) for p, text in zip(ro.prompt_index, texts)])
     engine_logp = ro.engine_logp or [None] * len(ro.response_ids)
+    prompt_tensors = [torch.tensor(p, dtype=torch.long) for p in prompts]  # shared by the task's samples (read-only)
     exps = []
     for i, (p_idx, resp, lp, score) in enumerate(zip(ro.prompt_index, ro.response_ids, ro.behav_logp, scores)):
         task = tasks[p_idx]
         correct = score.correct if score.correct is not None else score.value is not None and score.value >= 1.0
         info = {"correct": correct, "finished": ro.finished[i]}
         exp = Experience(
-            prompt_ids=torch.tensor(prompts[p_idx], dtype=torch.long), response_ids=resp,
+            prompt_ids=prompt_tensors[p_idx], response_ids=resp,
             response_mask=torch.ones(len(resp)), behav_logp=lp, engine_logp=engine_logp[i],
             reward=0.0 if score.value is None else score.value, group_id=group_id(task, version, batch_index),
             task_id=task.task_id, version=version, batch_index=batch_index, info=info)
