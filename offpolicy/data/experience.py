@@ -11,7 +11,9 @@ responses right-padded, which is the layout the trainer's single forward pass us
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field, fields
@@ -21,6 +23,17 @@ import torch
 
 _TENSOR_FIELDS = ("prompt_ids", "response_ids", "response_mask", "behav_logp", "engine_logp", "old_logp", "ref_logp",
                   "token_weights")
+
+
+_EID: dict[str, Any] = {"pid": None}
+
+
+def _new_eid() -> str:
+    """A unique experience id (32 hex digits): a random prefix drawn once per process, then a counter (a uuid4
+    per row cost ~13 us, 3 ms of a demo step). Re-drawn in a forked child, whose counter would repeat."""
+    if _EID["pid"] != os.getpid():
+        _EID.update(pid=os.getpid(), prefix=uuid.uuid4().hex[:20], count=itertools.count())
+    return f"{_EID['prefix']}{next(_EID['count']):012x}"
 
 
 @dataclass
@@ -58,7 +71,7 @@ class Experience:
     expert: bool = False
     replayed: bool = False
     info: dict[str, Any] = field(default_factory=dict)
-    eid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    eid: str = field(default_factory=lambda: _new_eid())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensor fields that are set (1-D, contiguous)."""

@@ -60,6 +60,18 @@ def encode_prompt(tokenizer, task) -> list[int]:
     return tokenizer(task.prompt, add_special_tokens=not getattr(task, "has_special_tokens", False))["input_ids"]
 
 
+def encode_prompts(tokenizer, tasks: Sequence) -> list[list[int]]:
+    """:func:`encode_prompt` of each task, with one tokenizer call per kind (with / without special tokens)."""
+    out: list[list[int] | None] = [None] * len(tasks)
+    for special in (True, False):
+        idx = [i for i, t in enumerate(tasks) if (not getattr(t, "has_special_tokens", False)) == special]
+        if idx:
+            ids = tokenizer([tasks[i].prompt for i in idx], add_special_tokens=special)["input_ids"]
+            for i, row in zip(idx, ids):
+                out[i] = row
+    return out
+
+
 def group_id(task, version: int, batch_index: int) -> str:
     """Unique per batch, never parsed (the batch index and version are fields of the experience)."""
     return f"{task.task_id}@{f'b{batch_index}' if batch_index >= 0 else f'v{version}'}"
@@ -76,7 +88,7 @@ def single_turn(engine, tokenizer, tasks: Sequence, scorer: Scorer, *, sampling:
                 batch_index: int = -1, generator: torch.Generator | None = None) -> list[Experience]:
     """One group of ``sampling.group_size`` experiences per task, each tagged with ``version`` and ``batch_index``."""
     s = sampling
-    prompts = [encode_prompt(tokenizer, t) for t in tasks]
+    prompts = encode_prompts(tokenizer, tasks)
     ro = engine.generate(prompts, n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                          top_p=s.top_p, top_k=s.top_k, greedy=s.greedy, generator=generator)
     # lists, not tensors: the tokenizer converts tensors element by element

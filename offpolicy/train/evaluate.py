@@ -9,7 +9,7 @@ import torch
 
 from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.engine import HFEngine
-from offpolicy.rollout.workflow import encode_prompt
+from offpolicy.rollout.workflow import encode_prompts
 
 
 def _n_correct(scorer, texts, truths) -> list[bool]:
@@ -42,7 +42,7 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
     correct, pass_sum = 0.0, 0.0
     for i in range(0, len(tasks), batch_size):
         chunk = tasks[i : i + batch_size]
-        prompts = [encode_prompt(tokenizer, t) for t in chunk]
+        prompts = encode_prompts(tokenizer, chunk)
         ro = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
         texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
         correct += sum(_n_correct(scorer, texts, [t.answer for t in chunk]))

@@ -93,7 +93,7 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     first_BV = out.logits[:, -1:][seg_B]  # the last prompt position predicts response token 0
     if batch.response_ids_BT.shape[1] == 1:
         return first_BV
-    cache.batch_select_indices(seg_B)  # (G, ...) -> (B, ...) by indexing: differentiable, memory is shared
+    _select_rows(cache, seg_B)  # (G, ...) -> (B, ...) by indexing: differentiable
     # response tokens 0..T-2 predict tokens 1..T-1; the last one predicts nothing we read and is not run
     attn_BL = batch.attn_BL[:, :-1]
     attn_BT = attn_BL[:, P:]
@@ -101,6 +101,19 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     resp = model(input_ids=batch.response_ids_BT[:, :-1], attention_mask=attn_BL, position_ids=pos_BT.clamp(min=0),
                  use_cache=True, **{kw: cache})
     return torch.cat([first_BV, resp.logits], dim=1)
+
+
+def _select_rows(cache, rows: torch.Tensor) -> None:
+    """Index the cache's batch dimension with ``rows`` (repeats allowed). On plain dynamic layers with
+    ``index_select``, whose backward (index_add) is several times cheaper on CPU than that of ``t[rows]``
+    (an accumulating index_put), which ``batch_select_indices`` uses."""
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
+                      for layer in layers):
+        for layer in layers:
+            layer.keys, layer.values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+    else:
+        cache.batch_select_indices(rows)
 
 
 def _unwrapped(model):
