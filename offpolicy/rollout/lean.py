@@ -22,6 +22,8 @@ log-probs equal the stock forward to float rounding (tested to 1e-5, gradients t
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 
 import torch
@@ -68,6 +70,7 @@ def enable_lean_forward(model) -> None:
         raise ValueError(f"model.forward_impl=lean: {why}")
     stock = type(model).forward
 
+    @functools.wraps(stock)  # the stock signature: callers read the cache keyword ('cache' / 'past_key_values') from it
     def forward(self, *args, **kwargs):
         return lean_forward(self, *args, _fallback=stock, **kwargs)
 
@@ -98,16 +101,17 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
     from transformers import DynamicCache
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)  # the newer keyword
+    cache = kwargs.pop("cache", None)  # transformers >= 5.2x's keyword; past_key_values before
+    cache = past_key_values if past_key_values is not None else cache
     plain = cache is None or (type(cache) is DynamicCache and all(
         type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", ())))
     extra = {k: v for k, v in kwargs.items() if v not in (None, False)}
     if input_ids is None or not plain or extra:
         if _fallback is None:
             raise ValueError(f"lean_forward: cannot run this call ({sorted(extra) or type(cache).__name__})")
+        cache_kw = "cache" if "cache" in inspect.signature(_fallback).parameters else "past_key_values"
         return _fallback(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep,
-                         **kwargs)
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **{cache_kw: cache}, **kwargs)
     cfg, inner = self.config, self.model
     use_cache = cfg.use_cache if use_cache is None else use_cache
     if cache is None and use_cache:
@@ -151,4 +155,5 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
     if logits_to_keep:
         h = h[:, -logits_to_keep:]
     logits = self.lm_head(h)
-    return CausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache else None)
+    out_kw = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"  # transformers >= 5.2x
+    return CausalLMOutputWithPast(logits=logits, **{out_kw: cache if use_cache else None})

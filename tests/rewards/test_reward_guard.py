@@ -58,3 +58,24 @@ def test_in_process_mode_catches_exceptions():
     guard = GuardedReward(faulty, timeout_s=None)
     out = guard([("raise", "1"), ("1", "1")])
     assert out[0].fault == "exception" and out[1].value == 1.0
+
+
+def test_results_come_back_in_chunks_and_a_hang_loses_none_of_them():
+    """Fast samples are sent back a list at a time (not one message each); results the worker held when a later
+    sample hung are scored again, so each sample keeps its own value and the hang is pinned on the right one."""
+    guard = GuardedReward(faulty, timeout_s=0.5)
+    try:
+        guard([("7", "7")])  # the worker is up
+        received = []
+        recv = guard._conn.recv
+        guard._conn.recv = lambda: received.append(1) or recv()
+        out = guard([(str(i % 3), "1") for i in range(300)])
+        assert [o.value for o in out] == [float(i % 3 == 1) for i in range(300)]
+        assert len(received) < 30  # 300 samples in a few messages
+        pairs = [("1", "1"), ("2", "1"), ("hang", "1"), ("1", "1"), ("hang", "1"), ("0", "1")]
+        out = guard(pairs)
+        assert [o.fault for o in out] == [None, None, "timeout", None, "timeout", None]
+        assert [o.value for o in out] == [1.0, 0.0, None, 1.0, None, 0.0]
+        assert guard.consecutive_timeouts == 0  # the last sample returned
+    finally:
+        guard.close()

@@ -100,3 +100,29 @@ def test_compiled_decode_equals_the_eager_static_path(random_tiny):
                         compile_decode=True)
     for case in CASES[:2]:
         _same(_generate(eager, _prompts(tok), case), _generate(compiled, _prompts(tok), case))
+
+
+def test_finished_rows_leave_the_decode_forward_and_change_no_sample():
+    """The bundled model answers in 2-4 tokens of 5: rows that finished are dropped from the decode forward
+    (fewer rows per forward), and the samples and log-probs equal those of a call that keeps every row
+    (``keep_kv=True`` lays the cache out by row, so it drops nothing)."""
+    from offpolicy.rollout.model import load_policy
+
+    model, tok = load_policy("bundled")
+    engine = HFEngine(model, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    rows_run = []
+    forward = engine._forward
+    engine._forward = lambda ids, *a: rows_run.append(ids.shape[0]) or forward(ids, *a)
+    prompts = [tok(f"{a}+{b}=")["input_ids"] for a, b in [(12, 7), (45, 61), (3, 99), (88, 88)]]
+    sample = dict(n=8, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    compact = engine.generate(prompts, **sample)
+    dropped = list(rows_run)
+    rows_run.clear()
+    sample["generator"] = torch.Generator().manual_seed(0)
+    _same(compact, engine.generate(prompts, keep_kv=True, **sample))
+    lengths = [len(r) for r in compact.response_ids]
+    assert min(lengths) < max(lengths)  # some rows finished early
+    assert dropped[0] == rows_run[0] == len(prompts)  # the prefill: each prompt once
+    assert dropped[1] == rows_run[1] == 32  # the first decode step runs every row
+    assert sum(dropped[2:]) < sum(rows_run[2:])  # later ones only the rows still running
+    assert dropped[-1] == sum(n > len(dropped) - 1 for n in lengths)
