@@ -8,6 +8,7 @@ name the field.
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (less memory, ~30% more compute; the trainer then runs one full forward per row instead of sharing the prompt).")
     attn_implementation: str | None = Field(None, description="Attention kernel passed to from_pretrained ('eager', 'sdpa', 'flash_attention_2', ...); None = the transformers default.")
     lora: LoraConfig = Field(LoraConfig(), description="LoRA adapter (PEFT); off by default.")
-    forward_impl: Literal["transformers", "lean"] = Field("transformers", description="The policy's forward (engine, trainer, reference alike): 'transformers' = the model class's own; 'lean' = offpolicy's functional forward for Llama / Qwen2 / Mistral (offpolicy/rollout/lean.py) over the same parameters: the same function to float rounding without transformers' per-module bookkeeping, for small models where that costs as much as the arithmetic (docs/benchmarks.md). Refused for other architectures, sliding-window attention, LoRA, gradient checkpointing, model.attn_implementation, rollout.kv_cache=static and train.parallel=fsdp2 (docs/models.md).")
+    forward_impl: Literal["auto", "transformers", "lean"] = Field("auto", description="The policy's forward (engine, trainer, reference alike): 'auto' = lean for a supported model of hidden size <= 256 on a CPU when nothing below clashes with it (measured faster there, docs/benchmarks.md), else transformers; resolved when the config is read, so config.json records the choice; 'transformers' = the model class's own; 'lean' = offpolicy's functional forward for Llama / Qwen2 / Mistral (offpolicy/rollout/lean.py) over the same parameters: the same function to float rounding without transformers' per-module bookkeeping, for small models where that costs as much as the arithmetic (docs/benchmarks.md). Refused for other architectures, sliding-window attention, LoRA, gradient checkpointing, model.attn_implementation, rollout.kv_cache=static and train.parallel=fsdp2 (docs/models.md).")
 
     @model_validator(mode="after")
     def _lean_with(self) -> "ModelConfig":
@@ -441,6 +442,20 @@ class Config(_Section):
                              f"exceed the batch size ({rows} rows): every worker needs rows in every micro-batch")
         return self
 
+    @model_validator(mode="after")
+    def _resolve_forward_impl(self) -> "Config":
+        """model.forward_impl=auto -> lean or transformers, from the model folder's config.json (an unreadable
+        folder: transformers; loading it reports the problem)."""
+        m = self.model
+        if m.forward_impl != "auto":
+            return self
+        clash = next((k for k, on in (("model.lora.r", m.lora.r > 0), ("model.gradient_checkpointing",
+                      m.gradient_checkpointing), ("model.attn_implementation", m.attn_implementation is not None),
+                      ("rollout.kv_cache", self.rollout.kv_cache != "dynamic"),
+                      ("train.parallel", self.train.parallel == "fsdp2")) if on), None)
+        m.forward_impl = forward_impl_for(m, clash=clash)
+        return self
+
     @property
     def staleness_bound(self) -> int:
         p = self.pipeline
@@ -448,6 +463,20 @@ class Config(_Section):
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def forward_impl_for(model_cfg: ModelConfig, *, clash: str | None = None) -> str:
+    """What ``model_cfg.forward_impl`` runs: itself unless 'auto' (see :func:`offpolicy.rollout.lean.auto_choice`)."""
+    if model_cfg.forward_impl != "auto":
+        return model_cfg.forward_impl
+    from offpolicy.rollout.lean_choice import auto_choice
+    from offpolicy.rollout.model import resolve_model_path
+
+    try:
+        cfg = json.loads((resolve_model_path(model_cfg.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "transformers"
+    return auto_choice(cfg, device=model_cfg.device, clash=clash)
 
 
 def without_password(url: str) -> str:

@@ -29,33 +29,21 @@ import types
 import torch
 import torch.nn.functional as F
 
+from offpolicy.rollout.lean_choice import ARCHITECTURES, unsupported_config
+
 __all__ = ["enable_lean_forward", "is_lean", "lean_forward", "unsupported"]
-
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-
 
 def unsupported(model) -> str | None:
     """Why ``model`` cannot run :func:`lean_forward` (None: it can)."""
     name = type(model).__name__
     if hasattr(model, "get_base_model") and hasattr(model, "disable_adapter"):
         return "a PEFT (LoRA) model: the adapters live in the modules' forwards"
-    if name not in ARCHITECTURES:
-        return f"{name} is not one of {', '.join(ARCHITECTURES)}"
-    cfg = model.config
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"hidden_act={cfg.hidden_act!r} (only silu)"
-    if getattr(cfg, "use_sliding_window", False) or (getattr(cfg, "sliding_window", None)
-                                                    and name == "MistralForCausalLM"):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
-        return f"layer types {sorted(set(cfg.layer_types))} (only full_attention)"
-    if getattr(cfg, "attention_dropout", 0.0):
-        return f"attention_dropout={cfg.attention_dropout} (dropout is not applied)"
+    why = unsupported_config({**model.config.to_dict(), "architectures": [name]})
+    if why is not None:
+        return why
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         return "gradient checkpointing (its layers' forwards are not called)"
-    if getattr(cfg, "pretraining_tp", 1) != 1:
-        return f"pretraining_tp={cfg.pretraining_tp}"
-    inner = model.model
+    inner = getattr(model, "model", None)
     if not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return f"{name}'s modules are not laid out as transformers' Llama ({type(inner).__name__})"
     return None
@@ -96,8 +84,13 @@ def _rms(x: torch.Tensor, norm) -> torch.Tensor:
 
 
 def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                 use_cache=None, logits_to_keep=0, _fallback=None, **kwargs):
-    """The causal LM's forward (see the module doc); the output carries ``logits`` and ``past_key_values``."""
+                 use_cache=None, logits_to_keep=0, run_mask=None, _fallback=None, **kwargs):
+    """The causal LM's forward (see the module doc); the output carries ``logits`` and the cache.
+
+    ``run_mask`` (B, S) bool, optional: run only these positions (packed: the projections and the MLP see
+    N <= B x S tokens; attention scatters them back to (B, S)). The others get zero logits and zero keys and
+    values, so no position that runs may attend to one: the caller leaves out padding, or a row's tokens after
+    its last position that runs (the trainer's response pass skips each row's last token and its padding)."""
     from transformers import DynamicCache
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -116,29 +109,42 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
     use_cache = cfg.use_cache if use_cache is None else use_cache
     if cache is None and use_cache:
         cache = DynamicCache(config=cfg)
-    h = inner.embed_tokens(input_ids)
-    B, S, _ = h.shape
+    B, S = input_ids.shape
+    device = input_ids.device
     past = cache.get_seq_length() if cache is not None else 0
     L = past + S
     if position_ids is None:
-        position_ids = torch.arange(past, L, device=h.device)[None].expand(B, S)
+        position_ids = torch.arange(past, L, device=device)[None].expand(B, S)
+    run = None if run_mask is None or bool(run_mask.all()) else run_mask.reshape(-1).nonzero().squeeze(-1)
+    h = inner.embed_tokens(input_ids if run is None else input_ids.reshape(-1)[run])
     cos, sin = inner.rotary_emb(h, position_ids)
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, D): broadcast over heads
-    allowed = torch.ones((S, L), dtype=torch.bool, device=h.device).tril(past)[None, None]
+    if run is None:
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (B, S, 1, D): broadcast over heads
+    else:
+        cos, sin = cos.reshape(B * S, 1, -1)[run], sin.reshape(B * S, 1, -1)[run]  # (N, 1, D)
+    allowed = torch.ones((S, L), dtype=torch.bool, device=device).tril(past)[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, :L].bool()
-    mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill_(~allowed, torch.finfo(h.dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill_(~allowed, torch.finfo(h.dtype).min)
     H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     scale = D ** -0.5
+
+    def heads(x, n):  # (B, S, n, D), or packed (N, n, D) scattered back to (B * S, n, D) -> (B, n, S, D)
+        if run is not None:
+            x = x.new_zeros((B * S, n, D)).index_copy(0, run, x)
+        return x.view(B, S, n, D).transpose(1, 2)
+
+    def rope(x):
+        return x * cos + _rotate_half(x) * sin
+
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
         x = _rms(h, layer.input_layernorm)
-        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, S, H, D).transpose(1, 2)
-        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, S, KV, D).transpose(1, 2)
-        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, S, KV, D).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        tokens = x.shape[:-1]
+        q = heads(rope(F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(*tokens, H, D)), H)
+        k = heads(rope(F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(*tokens, KV, D)), KV)
+        v = heads(F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(*tokens, KV, D), KV)
         if cache is not None:
             k, v = cache.update(k, v, i)
         if KV != H:
@@ -146,14 +152,22 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
         w = torch.matmul(q, k.transpose(2, 3)) * scale + mask
         w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.matmul(w, v).transpose(1, 2).reshape(B, S, H * D)
+        if run is not None:
+            o = o.view(B * S, H * D).index_select(0, run)
         h = h + F.linear(o, attn.o_proj.weight, attn.o_proj.bias)
         x = _rms(h, layer.post_attention_layernorm)
         gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
         up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
         h = h + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
     h = _rms(h, inner.norm)
-    if logits_to_keep:
-        h = h[:, -logits_to_keep:]
-    logits = self.lm_head(h)
+    if run is not None:  # logits of the positions that ran, zeros elsewhere
+        logits = self.lm_head(h)
+        logits = logits.new_zeros((B * S, logits.shape[-1])).index_copy(0, run, logits).view(B, S, -1)
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+    else:
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
     out_kw = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"  # transformers >= 5.2x
     return CausalLMOutputWithPast(logits=logits, **{out_kw: cache if use_cache else None})

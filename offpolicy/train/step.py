@@ -14,6 +14,7 @@ import torch
 
 from offpolicy.algos import LossInputs, entropy_from_logits
 from offpolicy.data.experience import Batch
+from offpolicy.rollout.lean import is_lean
 from offpolicy.train.algorithm import Algorithm
 from offpolicy.train.plan import StepPlan
 
@@ -87,8 +88,9 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     inner = _unwrapped(model)
     cache = _cache_type()(config=inner.config)
     kw = _cache_keyword(inner)
+    lean = is_lean(inner)  # it can skip positions: the prompts' left padding, each response's last token
     out = model(input_ids=ids_GP, attention_mask=attn_GP, position_ids=pos_GP, use_cache=True, logits_to_keep=1,
-                **{kw: cache})
+                **{kw: cache}, **({"run_mask": attn_GP.bool()} if lean else {}))
     cache = getattr(out, kw)
     first_BV = out.logits[:, -1:][seg_B]  # the last prompt position predicts response token 0
     if batch.response_ids_BT.shape[1] == 1:
@@ -98,8 +100,11 @@ def _shared_prefix_logits(model, batch: Batch, seg_B: torch.Tensor) -> torch.Ten
     attn_BL = batch.attn_BL[:, :-1]
     attn_BT = attn_BL[:, P:]
     pos_BT = attn_GP.sum(-1)[seg_B].unsqueeze(-1) + attn_BT.cumsum(-1) - 1
+    # token t is needed only if token t + 1 is real (its logits predict it); responses are right-padded, so no
+    # later token of the row runs after a skipped one
+    run = {"run_mask": batch.attn_BL[:, P + 1:].bool()} if lean else {}
     resp = model(input_ids=batch.response_ids_BT[:, :-1], attention_mask=attn_BL, position_ids=pos_BT.clamp(min=0),
-                 use_cache=True, **{kw: cache})
+                 use_cache=True, **{kw: cache}, **run)
     return torch.cat([first_BV, resp.logits], dim=1)
 
 

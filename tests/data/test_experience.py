@@ -28,3 +28,18 @@ def test_bytes_round_trip_keeps_batch_index_and_engine_logp():
     back = Experience.from_bytes(*e.to_bytes())
     assert back.batch_index == 12 and torch.equal(back.engine_logp, e.engine_logp)
     assert Experience.from_bytes(*_exp([3], [-0.1]).to_bytes()).engine_logp is None
+
+
+def test_experience_ids_are_unique_and_a_forked_child_draws_its_own_prefix():
+    import multiprocessing as mp
+
+    from offpolicy.data.experience import _new_eid
+
+    ids = [_new_eid() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    parent, child = mp.get_context("fork").Pipe()
+    proc = mp.get_context("fork").Process(target=lambda: child.send(_new_eid()))
+    proc.start()
+    theirs = parent.recv()
+    proc.join()
+    assert theirs[:20] != ids[0][:20] and theirs not in ids

@@ -151,3 +151,17 @@ def test_greedy_is_argmax_of_full_forward(random_tiny):
             nxt = model(input_ids=torch.tensor([seq])).logits[0, -1].argmax().item()
         assert nxt == t
         seq.append(t)
+
+
+def test_prompts_encoded_in_one_call_equal_one_call_each():
+    from types import SimpleNamespace
+
+    from offpolicy.rollout.model import BUNDLED, load_tokenizer
+    from offpolicy.rollout.workflow import encode_prompt, encode_prompts
+
+    tok = load_tokenizer(BUNDLED)
+    tasks = [SimpleNamespace(prompt=p) for p in ["12+34=", " 5 +6=", ""]]
+    tasks.insert(1, SimpleNamespace(prompt="<bos>1+1=", has_special_tokens=True))  # a rendered chat prompt
+    got = encode_prompts(tok, tasks)
+    assert got == [encode_prompt(tok, t) for t in tasks]
+    assert got[1][:2] == tok("<bos>1", add_special_tokens=False)["input_ids"] and got[0][0] == tok.bos_token_id

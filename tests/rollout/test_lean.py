@@ -162,6 +162,7 @@ def test_what_the_lean_forward_does_not_cover_is_refused(model_folder, random_ti
     assert "checkpointing" in unsupported(checkpointed)
     for extra, key in [("model.lora.r=4", "model.lora.r"), ("model.gradient_checkpointing=true",
                        "model.gradient_checkpointing"), ("model.attn_implementation=eager", "model.attn_implementation"),
-                       ("rollout.kv_cache=static", "rollout.kv_cache=static")]:
+                       ("rollout.kv_cache=static", "rollout.kv_cache=static"),
+                       ("pipeline.mode=ray train.workers=2 train.parallel=fsdp2", "train.parallel=fsdp2")]:
         with pytest.raises(ConfigError, match=key):
-            load_config(None, ["model.forward_impl=lean", extra])
+            load_config(None, ["model.forward_impl=lean", *extra.split()])
