@@ -7,7 +7,8 @@ is run once per variant per round, the variants alternating (round 1: A B C ...,
 a machine whose load drifts slows every variant alike and the medians stay comparable. Each variant has its
 own copy of the policy, optimiser, engine and explorer (same seeds), built from config overrides:
 
-- ``baseline``: what the demo ran before issue 18 (AdamW for_loop, dynamic KV cache, float32, eager);
+- ``baseline``: what the demo ran before issue 18 (AdamW for_loop, dynamic KV cache, float32, eager,
+  transformers' forward: every variant but the lean ones sets ``model.forward_impl=transformers``);
 - ``fused``: ``train.optimizer_impl=fused``;
 - ``bf16``: fused + ``model.autocast=bfloat16`` (engine and trainer both under autocast);
 - ``bf16_trainer``: fused + bf16 autocast in the trainer only (engine float32): shows the mismatch that
@@ -16,7 +17,8 @@ own copy of the policy, optimiser, engine and explorer (same seeds), built from 
 - ``static``: fused + ``rollout.kv_cache=static``;
 - ``compile_decode``: static + ``rollout.compile_decode=true``;
 - ``all``: fused + bf16 + compile + static + compiled decode;
-- ``lean``: ``model.forward_impl=lean`` (offpolicy's functional Llama forward, engine and trainer);
+- ``lean``: ``model.forward_impl=lean`` (offpolicy's functional Llama forward, engine and trainer; what
+  the demo's default ``auto`` picks);
 - ``lean_compile``: lean + ``train.compile=true``.
 
 Per step: generation seconds (``Explorer.explore``: sampling + reward, the runner's ``gen_s``), training
@@ -199,7 +201,8 @@ def run(*, steps: int, warmup: int, variants: list[str], threads: int, quick: bo
     peaks = matmul_peaks(threads, repeats=5 if quick else 20)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = [f"run.dir={tmp}/run", "run.loggers=[]", f"train.threads={threads}",
+        # the shared model is built with transformers' forward; the lean variants install the lean one on their copy
+        base = [f"run.dir={tmp}/run", "run.loggers=[]", f"train.threads={threads}", "model.forward_impl=transformers",
                 *(QUICK_SETTINGS if quick else [])]
         ctx = build_context(load_config(None, base), tmp)
         torch.set_num_threads(threads)

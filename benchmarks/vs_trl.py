@@ -50,8 +50,8 @@ CANDIDATES = {
     "rec_oneside_nois sync": REC,
     "rec_oneside_nois async1": [*REC, *ASYNC],
     "rec_oneside_nois async1 reuse2": [*REC, "train.updates_per_batch=2", *ASYNC],
-    "grpo sync lean": ["model.forward_impl=lean"],  # the same computation through offpolicy's lean forward
-    "rec_oneside_nois async1 lean": [*REC, *ASYNC, "model.forward_impl=lean"],
+    # the defaults run the lean forward on the bundled model (model.forward_impl=auto); this one the model's own
+    "grpo sync transformers": ["model.forward_impl=transformers"],
 }
 
 

@@ -150,7 +150,8 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
         if KV != H:
             k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
         w = torch.matmul(q, k.transpose(2, 3)) * scale + mask
-        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        # float32 at least (bf16 / fp16 scores), float64 kept: the mask's float64 minimum would overflow float32
+        w = F.softmax(w, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         o = torch.matmul(w, v).transpose(1, 2).reshape(B, S, H * D)
         if run is not None:
             o = o.view(B * S, H * D).index_select(0, run)

@@ -121,6 +121,11 @@ def shard(model: torch.nn.Module) -> None:
     does not have)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    from offpolicy.rollout.lean import is_lean
+
+    if is_lean(model):  # the config refuses the pair; this catches a model prepared by hand
+        raise ValueError("train.parallel=fsdp2 needs model.forward_impl=transformers: fully_shard gathers each "
+                         "layer's weights in that layer's forward, which the lean forward does not call")
     for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)

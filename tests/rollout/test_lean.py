@@ -166,3 +166,21 @@ def test_what_the_lean_forward_does_not_cover_is_refused(model_folder, random_ti
                        ("pipeline.mode=ray train.workers=2 train.parallel=fsdp2", "train.parallel=fsdp2")]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, ["model.forward_impl=lean", *extra.split()])
+
+
+def test_a_float64_model_with_left_padding_stays_finite_and_equal(model_folder):
+    """The mask is the dtype's minimum: in float64 it would overflow a float32 softmax to -inf, and a padding
+    row (every key masked) would turn NaN and spread through the next layer's keys."""
+    from offpolicy.rollout.model import load_policy
+
+    model, tok = load_policy(str(model_folder("qwen2")))
+    model = model.double()
+    lean = copy.deepcopy(model)
+    enable_lean_forward(lean)
+    ids, attn = _left_padded(tok, ["12+7=", "45+61-5=", "3="])
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        b = lean(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(b[attn.bool()], a[attn.bool()], atol=1e-10, rtol=0)

@@ -99,7 +99,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         for parallel in PARALLEL:
             for preset, extra in CASES:
                 mode = DataParallel(rank, world, parallel)
-                results[parallel, preset] = _train_once([f"algorithm.preset={preset}", *extra], mode)
+                # fsdp2 shards the layer modules, whose forwards the lean forward (ddp here) does not call
+                impl = ["model.forward_impl=transformers"] if parallel == "fsdp2" else []
+                results[parallel, preset] = _train_once([f"algorithm.preset={preset}", *extra, *impl], mode)
             results[parallel, "shard"] = _shard_fraction(mode)
         if rank == 0:
             torch.save(results, out)
