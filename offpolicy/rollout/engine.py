@@ -280,7 +280,7 @@ class HFEngine:
             if static is not None:
                 logits = self._decode_step(tok[:, None], attn_BL, next_pos, cache)
             elif live is not None:
-                rows = live.update(done, cache)
+                rows = live.update(done, cache) if t % every == every - 1 else live.rows  # update reads done: a sync
                 cache, logits_R = self._forward(tok[rows, None], attn_BL[rows, : P + t + 1], next_pos[rows], cache)
                 logits = live.scatter(logits_R)
             else:

@@ -5,7 +5,7 @@ records. At the sizes this project trains on a CPU (the bundled model: 2 layers,
 costs as much as the arithmetic. :func:`lean_forward` computes the same function over the *same parameters*
 (nothing is copied, gradients reach the model's own tensors, the optimiser and checkpoints see no
 difference) with plain tensor operations: one rotary table per call, one additive mask per call, the
-projections as ``F.linear`` on the modules' weights, attention as two matmuls and a float32 softmax.
+projections as ``F.linear`` on the modules' weights, attention as two matmuls and a softmax.
 
 It is installed on the model instance as its ``forward`` (:func:`enable_lean_forward`), so every caller
 (the rollout engine, the trainer's shared-prefix pass, evaluation, data-parallel wrappers) runs it through
@@ -16,7 +16,8 @@ forward. :func:`unsupported` says why a model cannot use it (an architecture oth
 Mistral, sliding-window attention, an activation other than SiLU, a PEFT wrapper, ...).
 
 Numerics: the same operations in the same order as transformers' eager attention path (RMSNorm in float32,
-``q * cos + rotate_half(q) * sin``, softmax in float32, additive mask of the dtype's minimum), so
+``q * cos + rotate_half(q) * sin``, softmax in float32 (float64 for a float64 model), additive mask of the
+dtype's minimum), so
 log-probs equal the stock forward to float rounding (tested to 1e-5, gradients too).
 """
 
@@ -29,9 +30,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-from offpolicy.rollout.lean_choice import ARCHITECTURES, unsupported_config
+from offpolicy.rollout.lean_choice import unsupported_config
 
 __all__ = ["enable_lean_forward", "is_lean", "lean_forward", "unsupported"]
+
 
 def unsupported(model) -> str | None:
     """Why ``model`` cannot run :func:`lean_forward` (None: it can)."""
@@ -98,7 +100,7 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
     cache = past_key_values if past_key_values is not None else cache
     plain = cache is None or (type(cache) is DynamicCache and all(
         type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", ())))
-    extra = {k: v for k, v in kwargs.items() if v not in (None, False)}
+    extra = {k: v for k, v in kwargs.items() if v is not None and v is not False}  # inputs_embeds, output_attentions, ...
     if input_ids is None or not plain or extra:
         if _fallback is None:
             raise ValueError(f"lean_forward: cannot run this call ({sorted(extra) or type(cache).__name__})")

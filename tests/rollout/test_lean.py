@@ -121,6 +121,8 @@ def test_copies_run_lean_on_their_own_weights_and_other_calls_go_to_the_stock_fo
         out = lean(input_ids=ids, **{ck: static}, use_cache=True)
         want = model(input_ids=ids, **{ck: StaticCache(config=model.config, max_cache_len=16)}, use_cache=True)
         torch.testing.assert_close(out.logits, want.logits, atol=1e-5, rtol=0)
+        embeds = model.get_input_embeddings()(ids)  # another input the lean forward leaves to the stock one
+        torch.testing.assert_close(lean(inputs_embeds=embeds).logits, model(inputs_embeds=embeds).logits)
 
 
 def test_autocast_wraps_the_lean_forward(model_folder):
