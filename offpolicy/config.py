@@ -41,16 +41,6 @@ class ModelConfig(_Section):
     lora: LoraConfig = Field(LoraConfig(), description="LoRA adapter (PEFT); off by default.")
     forward_impl: Literal["auto", "transformers", "lean"] = Field("auto", description="The policy's forward (engine, trainer, reference alike): 'auto' = lean for a supported model of hidden size <= 256 on a CPU when nothing below clashes with it (measured faster there, docs/benchmarks.md), else transformers; resolved when the config is read, so config.json records the choice; 'transformers' = the model class's own; 'lean' = offpolicy's functional forward for Llama / Qwen2 / Mistral (offpolicy/rollout/lean.py) over the same parameters: the same function to float rounding without transformers' per-module bookkeeping, for small models where that costs as much as the arithmetic (docs/benchmarks.md). Refused for other architectures, sliding-window attention, LoRA, gradient checkpointing, model.attn_implementation, rollout.kv_cache=static and train.parallel=fsdp2 (docs/models.md).")
 
-    @model_validator(mode="after")
-    def _lean_with(self) -> "ModelConfig":
-        if self.forward_impl == "lean":
-            clash = [k for k, on in (("lora.r", self.lora.r > 0), ("gradient_checkpointing", self.gradient_checkpointing),
-                                     ("attn_implementation", self.attn_implementation is not None)) if on]
-            if clash:
-                raise ValueError(f"model.{clash[0]} is not honoured by model.forward_impl=lean (it computes attention "
-                                 "itself and calls no layer module); use model.forward_impl=transformers")
-        return self
-
 
 class TasksConfig(_Section):
     name: Literal["arithmetic", "calculator", "pairs", "file", "hf", "jsonl"] = Field("arithmetic", description="Task source: generated arithmetic; 'calculator': generated multiplications too large to do in the head (for the calculator environment); 'pairs': preference pairs in the standard format (prompt/chosen/rejected, text or messages; JSONL, Parquet, CSV or a datasets folder) for algorithm.preset=dpo / ipo — it implies workflow.name=pairs and rollout.group_size=2 (docs/preferences.md); 'file': JSON lines / Parquet / CSV files (format from the extension; 'jsonl' is an alias); 'hf': a Hugging Face `datasets` dataset (save_to_disk folder, local data folder, or hub name).")
@@ -431,28 +421,20 @@ class Config(_Section):
             if ray_keys:
                 raise ValueError(f"pipeline.{ray_keys[0]} needs pipeline.mode=ray (pipeline.mode={p.mode} runs one "
                                  "explorer)")
-        if self.model.forward_impl == "lean" and self.rollout.kv_cache == "static":
-            raise ValueError("rollout.kv_cache=static is not honoured by model.forward_impl=lean (it keeps a dynamic "
-                             "cache); use one of the two")
-        if self.model.forward_impl == "lean" and self.train.parallel == "fsdp2":
-            raise ValueError("train.parallel=fsdp2 needs model.forward_impl=transformers (fully_shard gathers each "
-                             "layer's weights in that layer's forward, which the lean forward does not call)")
         if self.train.workers > 1 and self.train.mini_batches * self.train.micro_batches * self.train.workers > rows:
             raise ValueError(f"train.workers={self.train.workers} x train.mini_batches x train.micro_batches must not "
                              f"exceed the batch size ({rows} rows): every worker needs rows in every micro-batch")
         return self
 
     @model_validator(mode="after")
-    def _resolve_forward_impl(self) -> "Config":
-        """model.forward_impl=auto -> lean or transformers, from the model folder's config.json (an unreadable
-        folder: transformers; loading it reports the problem)."""
+    def _forward_impl(self) -> "Config":
+        """model.forward_impl=lean with a setting it does not honour is an error; auto -> lean or transformers,
+        from the model folder's config.json (an unreadable folder: transformers; loading it reports why)."""
         m = self.model
-        if m.forward_impl != "auto":
-            return self
-        clash = next((k for k, on in (("model.lora.r", m.lora.r > 0), ("model.gradient_checkpointing",
-                      m.gradient_checkpointing), ("model.attn_implementation", m.attn_implementation is not None),
-                      ("rollout.kv_cache", self.rollout.kv_cache != "dynamic"),
-                      ("train.parallel", self.train.parallel == "fsdp2")) if on), None)
+        clash = lean_clash(m, self.rollout, self.train)
+        if m.forward_impl == "lean" and clash is not None:
+            raise ValueError(f"{clash} is not honoured by model.forward_impl=lean (it computes attention itself, calls "
+                             "no layer module and keeps a dynamic cache); use model.forward_impl=transformers")
         m.forward_impl = forward_impl_for(m, clash=clash)
         return self
 
@@ -463,6 +445,17 @@ class Config(_Section):
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def lean_clash(model_cfg: ModelConfig, rollout: RolloutConfig | None = None,
+               train: TrainConfig | None = None) -> str | None:
+    """The first setting the lean forward does not honour (as ``key`` or ``key=value``), or None."""
+    checks = [("model.lora.r", model_cfg.lora.r > 0),
+              ("model.gradient_checkpointing", model_cfg.gradient_checkpointing),
+              ("model.attn_implementation", model_cfg.attn_implementation is not None),
+              ("rollout.kv_cache=static", rollout is not None and rollout.kv_cache == "static"),
+              ("train.parallel=fsdp2", train is not None and train.parallel == "fsdp2")]
+    return next((key for key, on in checks if on), None)
 
 
 def forward_impl_for(model_cfg: ModelConfig, *, clash: str | None = None) -> str:

@@ -252,7 +252,8 @@ class HFEngine:
         every = 1 if device.type == "cpu" else 8
         # rows that finished leave the decode forward (their cache rows are dropped): a demo batch of 3-4 token
         # answers runs ~25% fewer rows. Not with keep_kv (the kept cache is laid out by row) or a static cache.
-        live = _LiveRows(B, device) if static is None and not keep_kv and hasattr(cache, "batch_select_indices") else None
+        droppable = static is None and not keep_kv and hasattr(cache, "batch_select_indices")
+        live = _LiveRows(B, device) if droppable else None
         for t in range(max_new_tokens):
             scaled = logits if greedy else logits / temperature
             sample_from = scaled

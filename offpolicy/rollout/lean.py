@@ -100,7 +100,8 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
     cache = past_key_values if past_key_values is not None else cache
     plain = cache is None or (type(cache) is DynamicCache and all(
         type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", ())))
-    extra = {k: v for k, v in kwargs.items() if v is not None and v is not False}  # inputs_embeds, output_attentions, ...
+    # inputs_embeds, output_attentions, ...: the stock forward's business
+    extra = {k: v for k, v in kwargs.items() if v is not None and v is not False}
     if input_ids is None or not plain or extra:
         if _fallback is None:
             raise ValueError(f"lean_forward: cannot run this call ({sorted(extra) or type(cache).__name__})")
@@ -172,5 +173,6 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
-    out_kw = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"  # transformers >= 5.2x
+    # the output's cache field: 'cache' in transformers >= 5.2x, 'past_key_values' before
+    out_kw = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     return CausalLMOutputWithPast(logits=logits, **{out_kw: cache if use_cache else None})

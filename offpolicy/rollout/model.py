@@ -110,7 +110,7 @@ def policy_from_config(model_cfg, *, training: bool = True):
     """(model, tokenizer) as ``model_cfg`` (a :class:`~offpolicy.config.ModelConfig`) describes it:
     loaded, with gradient checkpointing when ``training``, wrapped with a LoRA adapter when ``lora.r > 0``.
     The explorer process builds the same structure with ``training=False``."""
-    from offpolicy.config import ConfigError, forward_impl_for
+    from offpolicy.config import ConfigError, forward_impl_for, lean_clash
 
     model, tokenizer = load_policy(model_cfg.path, device=model_cfg.device, dtype=model_cfg.dtype,
                                    attn_implementation=model_cfg.attn_implementation)
@@ -123,8 +123,8 @@ def policy_from_config(model_cfg, *, training: bool = True):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-    clash = model_cfg.lora.r > 0 or model_cfg.gradient_checkpointing or model_cfg.attn_implementation is not None
-    if forward_impl_for(model_cfg, clash="model settings" if clash else None) == "lean":  # a read Config has resolved 'auto' already
+    # a Config that was read has resolved 'auto' already (with the rollout / train settings too)
+    if forward_impl_for(model_cfg, clash=lean_clash(model_cfg)) == "lean":
         from offpolicy.rollout.lean import enable_lean_forward, unsupported
 
         why = unsupported(model)
