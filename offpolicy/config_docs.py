@@ -19,7 +19,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from offpolicy.config import Config, ConfigError
+from offpolicy.config import ConfigError
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 REGENERATE = "python -m offpolicy.config_docs"
@@ -42,8 +42,13 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-def sections(model: type[BaseModel] = Config, prefix: str = "") -> list[Section]:
-    """Every section under ``model`` (depth first, in declaration order); the top level itself is left out."""
+def sections(model: type[BaseModel] | None = None, prefix: str = "") -> list[Section]:
+    """Every section under ``model`` (depth first, in declaration order); the top level itself is left out.
+    The default: the training config plus ``opa_dpo``, the section only ``offpolicy opa-dpo`` reads."""
+    if model is None:
+        from offpolicy.pipeline.opa_dpo_config import OpaDpoConfig
+
+        model = OpaDpoConfig
     out: list[Section] = []
     for name, field in model.model_fields.items():
         sub = _section_model(field.annotation)

@@ -5,7 +5,7 @@ import difflib
 import pytest
 
 from offpolicy.cli import main
-from offpolicy.config import Config
+from offpolicy.pipeline.opa_dpo_config import OpaDpoConfig
 from offpolicy.config_docs import DOC_PATH, REGENERATE, render_markdown, sections
 
 
@@ -39,7 +39,7 @@ def test_reference_lists_every_leaf_of_the_models_with_type_and_default():
             key = f"{prefix}{k}"
             yield from leaves(v, f"{key}.") if key in section_keys else [key]
 
-    assert set(leaves(Config().model_dump())) == set(keys)
+    assert set(leaves(OpaDpoConfig().model_dump())) == set(keys)  # the training config + opa_dpo
 
 def test_cli_section_filter_and_plain_output_when_piped(capsys):
     assert main(["config", "model.lora"]) == 0
@@ -50,6 +50,9 @@ def test_cli_section_filter_and_plain_output_when_piped(capsys):
     assert "model.lora.alpha" in capsys.readouterr().out  # a section includes its subsections
     assert main(["config", "--markdown"]) == 0
     assert capsys.readouterr().out == render_markdown()
+    assert main(["config", "opa_dpo.revise"]) == 0  # the section only `offpolicy opa-dpo` reads is listed too
+    out = capsys.readouterr().out
+    assert "opa_dpo.revise.corrector: str = 'ground_truth'" in out and "opa_dpo.align.lr" not in out
 
 
 def test_cli_unknown_section_is_an_error_naming_the_valid_ones(capsys):

@@ -156,11 +156,11 @@ def _ragged_index(lengths_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def collate(exps: list[Experience], pad_id: int) -> Batch:
     """Pad a list of experiences into a :class:`Batch` (group ids become dense ints)."""
     B = len(exps)
-    P = max(len(e.prompt_ids) for e in exps)
-    T = max(max(len(e.response_ids) for e in exps), 1)
+    p_lens = [e.prompt_ids.shape[0] for e in exps]
+    t_lens = [e.response_ids.shape[0] for e in exps]
+    P, T = max(p_lens), max(max(t_lens), 1)
     # one scatter per field (rows concatenated, then written at (row, column)) instead of a copy per row
-    p_B = torch.tensor([len(e.prompt_ids) for e in exps])
-    t_B = torch.tensor([len(e.response_ids) for e in exps])
+    p_B, t_B = torch.tensor(p_lens), torch.tensor(t_lens)
     prow, pcol = _ragged_index(p_B)
     trow, tcol = _ragged_index(t_B)
     pcol = pcol + (P - p_B)[prow]  # prompts end at column P (left padding)
@@ -185,8 +185,8 @@ def collate(exps: list[Experience], pad_id: int) -> Batch:
         engine = responses([e.behav_logp if e.engine_logp is None else e.engine_logp for e in exps])
     weights = None
     if any(e.token_weights is not None for e in exps):
-        weights = responses([torch.ones(len(e.response_ids)) if e.token_weights is None else e.token_weights
-                             for e in exps])
+        weights = responses([torch.ones(t) if e.token_weights is None else e.token_weights
+                             for e, t in zip(exps, t_lens)])
     roles = [e.info.get("role") in ("chosen", "rejected") for e in exps]
     pair = torch.tensor(roles) if any(roles) else None
     gid_index: dict[str, int] = {}

@@ -174,15 +174,15 @@ def generate_stage(cfg: OpaDpoConfig, out: Path, log: Callable[[str], None]) -> 
 
 def _sample(engine, tok, tasks, scorer, cfg: OpaDpoConfig, gen) -> list[dict]:
     """``opa_dpo.generate.samples`` responses per task, 256 prompts at a time, each scored by the reward."""
-    from offpolicy.rollout.workflow import encode_prompt
+    from offpolicy.rollout.workflow import decode_texts, encode_prompts
 
     r, k = cfg.rollout, cfg.opa_dpo.generate.samples
     rows = []
     for i in range(0, len(tasks), 256):
         chunk = tasks[i : i + 256]
-        ro = engine.generate([encode_prompt(tok, t) for t in chunk], n=k, max_new_tokens=r.max_new_tokens,
+        ro = engine.generate(encode_prompts(tok, chunk), n=k, max_new_tokens=r.max_new_tokens,
                              temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, generator=gen)
-        texts = tok.batch_decode(ro.response_ids, skip_special_tokens=True)
+        texts = decode_texts(tok, ro.response_ids)
         truths = [chunk[j].answer for j in ro.prompt_index]
         for j, text, score in zip(ro.prompt_index, texts, scorer(list(zip(texts, truths)))):
             correct = score.correct if score.correct is not None else (score.value or 0.0) >= 1.0

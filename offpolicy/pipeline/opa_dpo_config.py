@@ -59,7 +59,7 @@ class OpaDpoSettings(_Section):
 class OpaDpoConfig(Config):
     """A training config plus the ``opa_dpo`` section (see the module docstring)."""
 
-    opa_dpo: OpaDpoSettings = OpaDpoSettings()
+    opa_dpo: OpaDpoSettings = Field(OpaDpoSettings(), description="OPA-DPO's stages 1-3; read only by `offpolicy opa-dpo` (`offpolicy train` refuses the section as an unknown key).")
 
 
 def load_opa_dpo_config(path=None, overrides=()) -> tuple[OpaDpoConfig, dict[str, Any]]:

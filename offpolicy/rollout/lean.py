@@ -32,7 +32,13 @@ import torch.nn.functional as F
 
 from offpolicy.rollout.lean_choice import unsupported_config
 
-__all__ = ["enable_lean_forward", "is_lean", "lean_forward", "unsupported"]
+__all__ = ["cache_keyword", "enable_lean_forward", "is_lean", "lean_forward", "unsupported"]
+
+
+def cache_keyword(forward) -> str:
+    """The KV cache's keyword in a causal LM's ``forward``: ``cache`` in transformers >= 5.2x,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def unsupported(model) -> str | None:
@@ -105,9 +111,9 @@ def lean_forward(self, input_ids=None, attention_mask=None, position_ids=None, p
     if input_ids is None or not plain or extra:
         if _fallback is None:
             raise ValueError(f"lean_forward: cannot run this call ({sorted(extra) or type(cache).__name__})")
-        cache_kw = "cache" if "cache" in inspect.signature(_fallback).parameters else "past_key_values"
         return _fallback(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=use_cache, logits_to_keep=logits_to_keep, **{cache_kw: cache}, **kwargs)
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **{cache_keyword(_fallback): cache},
+                         **kwargs)
     cfg, inner = self.config, self.model
     use_cache = cfg.use_cache if use_cache is None else use_cache
     if cache is None and use_cache:

@@ -9,7 +9,7 @@ import torch
 
 from offpolicy.rewards.guard import GuardedReward
 from offpolicy.rollout.engine import HFEngine
-from offpolicy.rollout.workflow import encode_prompts
+from offpolicy.rollout.workflow import decode_texts, encode_prompts
 
 
 def _n_correct(scorer, texts, truths) -> list[bool]:
@@ -44,7 +44,7 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
         chunk = tasks[i : i + batch_size]
         prompts = encode_prompts(tokenizer, chunk)
         ro = engine.generate(prompts, max_new_tokens=max_new_tokens, greedy=True)
-        texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+        texts = decode_texts(tokenizer, ro.response_ids)
         correct += sum(_n_correct(scorer, texts, [t.answer for t in chunk]))
         if not pass_k:
             continue
@@ -53,7 +53,7 @@ def evaluate(model, tokenizer, tasks: Sequence, reward_fn: Callable[[str, str], 
             sub = chunk[j0 : j0 + per]
             ro = engine.generate(prompts[j0 : j0 + per], n=pass_k, max_new_tokens=max_new_tokens,
                                  temperature=temperature, generator=gen)
-            texts = tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)
+            texts = decode_texts(tokenizer, ro.response_ids)
             ok = _n_correct(scorer, texts, [t.answer for t in sub for _ in range(pass_k)])
             for j in range(len(sub)):
                 pass_sum += pass_at_k(pass_k, sum(ok[j * pass_k : (j + 1) * pass_k]), pass_k)

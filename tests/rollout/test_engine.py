@@ -165,3 +165,26 @@ def test_prompts_encoded_in_one_call_equal_one_call_each():
     got = encode_prompts(tok, tasks)
     assert got == [encode_prompt(tok, t) for t in tasks]
     assert got[1][:2] == tok("<bos>1", add_special_tokens=False)["input_ids"] and got[0][0] == tok.bos_token_id
+
+
+def test_decode_texts_equals_batch_decode_and_skips_its_per_id_conversion(monkeypatch):
+    """decode_texts gives batch_decode's strings (special tokens skipped, tensors or lists): a plain Rust-backed
+    tokenizer through its backend (batch_decode is not called), one that cleans up spaces through batch_decode."""
+    from offpolicy.rollout.model import BUNDLED, load_tokenizer
+    from offpolicy.rollout.workflow import decode_texts
+
+    tok = load_tokenizer(BUNDLED)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, tok.vocab_size, (int(n),), generator=g) for n in torch.randint(0, 9, (64,), generator=g)]
+    want = tok.batch_decode([r.tolist() for r in rows], skip_special_tokens=True)
+    assert any(tok.eos_token_id in r.tolist() for r in rows) and len(set(want)) > 32  # specials to skip, varied rows
+
+    def refuse(*a, **k):
+        raise AssertionError("batch_decode called")
+
+    monkeypatch.setattr(tok, "batch_decode", refuse)  # on the instance: the class's own decoding is still plain
+    assert decode_texts(tok, rows) == want
+    assert decode_texts(tok, [r.tolist() for r in rows]) == want
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", True)  # post-processed: batch_decode's business
+    with pytest.raises(AssertionError, match="batch_decode called"):
+        decode_texts(tok, rows)

@@ -66,7 +66,7 @@ def test_a_huge_power_is_refused_quickly():
     start = time.monotonic()
     with pytest.raises(ToolError):
         calculator("99999**99999**99999")
-    assert time.monotonic() - start < 0.1
+    assert time.monotonic() - start < 2.0  # refused from the operands' sizes (~1 ms); computing it never ends
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -162,7 +162,7 @@ def test_a_hanging_tool_is_stopped_and_the_next_call_still_works():
     out = run_tool_calls([ToolCall("hang", {"x": ""})], ts, timeout_s=1.0)
     took = time.monotonic() - start
     assert out == [ToolResult(False, "hang did not return within 1 s", "timeout")]
-    assert 1.0 <= took < 3.0, took
+    assert 1.0 <= took < 10.0, took  # stopped at its 1 s limit (the tool sleeps far longer); slack for a loaded CI
     with pytest.raises(ProcessLookupError):  # the worker that ran it was killed, not left sleeping
         os.kill(int(before.text), 0)
     assert run_tool_calls([ToolCall("add", {"a": 41})], ts, timeout_s=30) == [ToolResult(True, "42")]
