@@ -50,6 +50,21 @@ def check_launch(cfg: Config) -> None:
                           f"train.workers={world_size()}")
 
 
+def bind_local_device(device: str) -> None:
+    """Each rank of a torchrun launch on GPUs takes its own: ``model.device=cuda`` (no index) means the
+    current CUDA device, so this sets it to ``cuda:LOCAL_RANK`` before anything is built (the policy, NCCL's
+    communicator). An explicit index would put every rank on one GPU: a ConfigError. Nothing to do on a CPU
+    or without torchrun."""
+    if world_size() == 1 or not str(device).startswith("cuda"):
+        return
+    if str(device) != "cuda":
+        raise ConfigError(f"model.device={device} under torchrun puts all {world_size()} ranks on one GPU; use "
+                          "model.device=cuda (each rank takes cuda:LOCAL_RANK)")
+    import torch
+
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 class TorchrunGroup:
     """Rank 0's side: :meth:`train_step` is the runner's ``step_fn``; :meth:`close` releases the workers.
 
@@ -61,6 +76,7 @@ class TorchrunGroup:
     def __init__(self, cfg: Config):
         from offpolicy.train.distributed import backend_for, join_from_env
 
+        bind_local_device(cfg.model.device)
         self.cfg = cfg
         self.dp = join_from_env(parallel=cfg.train.parallel, backend=backend_for(cfg.model.device))
         self.started = False
@@ -110,6 +126,7 @@ def serve(cfg: Config) -> int:
     check_launch(cfg)
     from offpolicy.train.distributed import backend_for, join_from_env
 
+    bind_local_device(cfg.model.device)
     worker = TrainerWorker(cfg.model_dump_json(), cfg.train.threads or 1)
     worker.dp = join_from_env(parallel=cfg.train.parallel, backend=backend_for(cfg.model.device))
     try:

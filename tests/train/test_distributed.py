@@ -193,6 +193,26 @@ def test_workers_need_ray_or_a_torchrun_launch_of_that_size(tmp_path, monkeypatc
         load_config(None, ["pipeline.mode=async", "pipeline.explorers=2"])
 
 
+def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """model.device=cuda under torchrun: rank LOCAL_RANK sets cuda:LOCAL_RANK as its current device (so the
+    policy and NCCL land there); an explicit index on every rank is refused; CPUs and single processes untouched."""
+    from offpolicy.config import ConfigError
+    from offpolicy.pipeline.torchrun import bind_local_device
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    bind_local_device("cuda")
+    bind_local_device("cpu")
+    assert chosen == [3]
+    with pytest.raises(ConfigError, match="model.device=cuda:1 under torchrun puts all 4 ranks on one GPU"):
+        bind_local_device("cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    bind_local_device("cuda:1")  # one process: whatever GPU it names
+    assert chosen == [3]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_torchrun_two_ranks_train_like_one(tmp_path, parallel):
