@@ -67,9 +67,16 @@ def _shard(prompts: int, explorers: int, j: int) -> tuple[int, int]:
 
 def pack_state(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
     """Tensors as (uint8 numpy array, dtype, shape): Ray stores numpy arrays out of band (one memcpy into the
-    object store, read back without a copy), which measured 10x faster than pickling the tensors."""
+    object store, read back without a copy), which measured 10x faster than pickling the tensors. A tied
+    name (:func:`~offpolicy.rollout.model.tied_aliases`) is packed as the name it shares its tensor with."""
+    from offpolicy.rollout.model import tied_aliases
+
+    aliases = tied_aliases(state)
     out = {}
     for k, v in state.items():
+        if k in aliases:
+            out[k] = aliases[k]
+            continue
         v = v.detach().to("cpu").contiguous()
         out[k] = (v.reshape(-1).view(torch.uint8).numpy(), str(v.dtype).removeprefix("torch."), tuple(v.shape))
     return out
@@ -81,7 +88,9 @@ def unpack_state(packed: dict[str, tuple]) -> dict[str, torch.Tensor]:
 
     with warnings.catch_warnings():  # the arrays are read-only; load_state_dict only reads them
         warnings.simplefilter("ignore", UserWarning)
-        return {k: torch.from_numpy(a).view(getattr(torch, dtype)).view(shape) for k, (a, dtype, shape) in packed.items()}
+        out = {k: torch.from_numpy(v[0]).view(getattr(torch, v[1])).view(v[2]) for k, v in packed.items()
+               if not isinstance(v, str)}
+    return {k: out[v] if isinstance(v, str) else out[k] for k, v in packed.items()}
 
 
 def _encode_cursor(state: dict | None) -> dict | None:

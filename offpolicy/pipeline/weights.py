@@ -6,7 +6,8 @@ counters: the version in the slot and the last version the explorer loaded. The 
 the slot only after the explorer has loaded what was there, so the explorer always gets exactly the
 version its schedule asks for (no race that would make staleness depend on timing). Publishing is
 one in-memory copy of those tensors (~2 MB for the bundled model; a LoRA adapter is a fraction of
-that) and its time is logged.
+that) and its time is logged. Tied weights (an output head that is the input embedding) take one slot
+tensor under both names, copied once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from offpolicy.rollout.model import load_trainable_state, trainable_state
+from offpolicy.rollout.model import load_trainable_state, tied_aliases, trainable_state
 
 
 class PeerGone(RuntimeError):
@@ -48,13 +49,19 @@ class WeightChannel:
 
     def __init__(self, mp_context):
         self.tensors: dict[str, torch.Tensor] | None = None
+        self._aliases: dict[str, str] = {}  # tied names -> the name whose slot tensor they share
         self._published = mp_context.Value("q", -1, lock=False)
         self._loaded = mp_context.Value("q", -1, lock=False)
         self._lock = mp_context.Lock()
 
     def allocate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Create the slot (shared-memory copies of ``model``'s trainable state); returns it for :meth:`attach`."""
-        self.tensors = {k: v.detach().to("cpu", copy=True).share_memory_() for k, v in trainable_state(model).items()}
+        state = trainable_state(model)
+        self._aliases = tied_aliases(state)
+        self.tensors = {}
+        for k, v in state.items():  # a tied name gets its first name's tensor (one object: pickled once too)
+            self.tensors[k] = (self.tensors[self._aliases[k]] if k in self._aliases
+                               else v.detach().to("cpu", copy=True).share_memory_())
         return self.tensors
 
     def renew_lock(self, mp_context) -> None:
@@ -97,7 +104,8 @@ class WeightChannel:
             t1 = time.perf_counter()
             with torch.no_grad():
                 for k, v in trainable_state(model).items():
-                    self.tensors[k].copy_(v.detach())
+                    if k not in self._aliases:
+                        self.tensors[k].copy_(v.detach())
             self._published.value = version
         finally:
             self._lock.release()

@@ -254,6 +254,20 @@ def trainable_state(model) -> dict:
     return model.state_dict()
 
 
+def tied_aliases(state: dict) -> dict[str, str]:
+    """Names of ``state`` whose tensor is another's (tied weights: a tied model's ``lm_head.weight`` is its
+    ``embed_tokens.weight``) -> the first name holding it. Whoever ships a state copies those once."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
+        if v.numel() and key in first:
+            out[k] = first[key]
+        else:
+            first.setdefault(key, k)
+    return out
+
+
 def load_trainable_state(model, tensors: dict) -> None:
     """Copy ``tensors`` (from :func:`trainable_state` of a model of the same structure) into ``model``."""
     import torch
