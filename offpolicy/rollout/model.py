@@ -273,7 +273,13 @@ def load_trainable_state(model, tensors: dict) -> None:
     import torch
 
     if not is_lora(model):
-        model.load_state_dict(tensors)
+        # a name tied in the model and in ``tensors`` alike is loaded once, through the name it shares
+        aliases = {k: a for k, a in tied_aliases(model.state_dict()).items() if k in tensors and a in tensors
+                   and tensors[k].data_ptr() == tensors[a].data_ptr()}
+        res = model.load_state_dict({k: v for k, v in tensors.items() if k not in aliases}, strict=False)
+        missing = [k for k in res.missing_keys if k not in aliases]
+        if missing or res.unexpected_keys:
+            model.load_state_dict(tensors)  # strict: raises naming what does not match
         return
     own = trainable_state(model)
     if own.keys() != tensors.keys():

@@ -5,12 +5,13 @@ import multiprocessing
 import pickle
 from multiprocessing.reduction import ForkingPickler
 
+import pytest
 import torch
 import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reductions on ForkingPickler
 
 from offpolicy.pipeline.ray_runner import pack_state, unpack_state
 from offpolicy.pipeline.weights import WeightChannel
-from offpolicy.rollout.model import load_policy, tied_aliases, trainable_state
+from offpolicy.rollout.model import load_policy, load_trainable_state, tied_aliases, trainable_state
 
 TIED = ("lm_head.weight", "model.embed_tokens.weight")
 
@@ -49,3 +50,19 @@ def test_ray_packing_sends_a_tied_tensor_once():
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
     untied = {"a": torch.zeros(3), "b": torch.zeros(3), "c": torch.zeros(6)[:3]}  # equal values, or a view at 0
     assert tied_aliases(untied) == {}
+
+
+def test_loading_skips_a_tied_copy_only_where_both_sides_tie_it():
+    model, source = _policy(), _policy()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    state = {k: v.clone() for k, v in source.state_dict().items()}  # from a file: the tied pair as two tensors
+    state[TIED[0]] += 1.0  # untied in the source: both names load, the later one wins, as load_state_dict does
+    load_trainable_state(model, state)
+    assert torch.equal(model.lm_head.weight, state[TIED[0]]) and model.lm_head.weight is model.model.embed_tokens.weight
+    load_trainable_state(model, source.state_dict())  # tied on both sides: loaded once, every weight equal
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+    del state["model.norm.weight"]
+    with pytest.raises(RuntimeError, match="model.norm.weight"):
+        load_trainable_state(model, state)
