@@ -260,8 +260,13 @@ def tied_aliases(state: dict) -> dict[str, str]:
     first: dict[tuple, str] = {}
     out = {}
     for k, v in state.items():
-        key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
-        if v.numel() and key in first:
+        if v.device.type == "meta" or not v.numel():
+            continue
+        try:
+            key = (v.device, v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.storage_offset())
+        except RuntimeError:  # a tensor subclass without storage (a sharded DTensor): never taken as tied
+            continue
+        if key in first:
             out[k] = first[key]
         else:
             first.setdefault(key, k)

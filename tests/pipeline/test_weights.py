@@ -48,7 +48,8 @@ def test_ray_packing_sends_a_tied_tensor_once():
     assert packed[TIED[0]] == TIED[1] and sum(isinstance(v, tuple) for v in packed.values()) == len(state) - 1
     back = unpack_state(packed)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-    untied = {"a": torch.zeros(3), "b": torch.zeros(3), "c": torch.zeros(6)[:3]}  # equal values, or a view at 0
+    untied = {"a": torch.zeros(3), "b": torch.zeros(3), "c": torch.zeros(6)[:3],  # equal values, a view at 0,
+              "m1": torch.empty(3, device="meta"), "m2": torch.empty(3, device="meta")}  # no storage at all
     assert tied_aliases(untied) == {}
 
 
