@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -99,6 +100,38 @@ def _sft_batch(tokenizer, tasks, rng: random.Random, slip: float):
     return ids, labels
 
 
+def sft_warm_start(model, batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, steps: int, lr: float,
+                   report: Callable[[int, torch.Tensor], None] | None = None) -> None:
+    """The supervised warm start of the bundled models: ``steps`` AdamW steps (betas (0.9, 0.98), no weight
+    decay, 50 linear warm-up steps then constant ``lr``, gradient norm clipped to 1) on ``batch()`` ->
+    (input ids, labels with -100 where untrained). ``report(step, loss)`` after each step (1-based); the
+    model is left in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    model.train()
+    for step in range(steps):
+        ids, labels = batch()
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if report is not None:
+            report(step + 1, loss)
+    model.eval()
+
+
+def save_tiny(model, tokenizer, out_dir: str | Path) -> tuple[Path, int]:
+    """Save a bundled model's folder (safetensors, a tokenizer any transformers loads); (folder, parameters)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _portable_tokenizer_class(out)
+    return out, sum(p.numel() for p in model.parameters())
+
+
 def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: int = 1000,
                   batch_size: int = 128, lr: float = 1e-3, slip: float = 0.65, levels: tuple[int, ...] = (1,),
                   eval_n: int = 256, log=print) -> PretrainResult:
@@ -120,32 +153,20 @@ def pretrain_tiny(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, steps: in
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = build_model(len(tokenizer), seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng = random.Random(seed)
     pool = arithmetic.generate("train", 10_000, seed=seed, levels=levels)
     eval_tasks = arithmetic.generate("eval", eval_n, seed=0, levels=levels)
-    model.train()
-    for step in range(steps):
-        ids, labels = _sft_batch(tokenizer, rng.sample(pool, batch_size), rng, slip)
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 250 == 0:
+
+    def report(step: int, loss: torch.Tensor) -> None:
+        if step % 250 == 0:
             model.eval()
             acc = greedy_accuracy(model, tokenizer, eval_tasks)
             model.train()
-            log(f"pretrain step {step + 1}/{steps} loss {loss.item():.4f} held-out greedy accuracy {acc:.3f}")
-    model.eval()
+            log(f"pretrain step {step}/{steps} loss {loss.item():.4f} held-out greedy accuracy {acc:.3f}")
+
+    sft_warm_start(model, lambda: _sft_batch(tokenizer, rng.sample(pool, batch_size), rng, slip), steps=steps,
+                   lr=lr, report=report)
     acc = greedy_accuracy(model, tokenizer, eval_tasks)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    _portable_tokenizer_class(out)
-    n_params = sum(p.numel() for p in model.parameters())
+    out, n_params = save_tiny(model, tokenizer, out_dir)
     log(f"saved {out} ({n_params:,} parameters), held-out greedy accuracy {acc:.3f}")
     return PretrainResult(out, n_params, acc, time.time() - start)

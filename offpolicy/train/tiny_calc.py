@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from offpolicy.data import calculator
-from offpolicy.train.tiny import _portable_tokenizer_class, build_model, build_tokenizer
+from offpolicy.train.tiny import build_model, build_tokenizer, save_tiny, sft_warm_start
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-calc"
 
@@ -161,31 +161,19 @@ def pretrain_tiny_calc(out_dir: str | Path = DEFAULT_DIR, *, seed: int = 0, step
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(alphabet=calculator.ALPHABET)
     model = build_model(len(tokenizer), seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     rng = random.Random(seed)
     pool = calculator.generate("train", 20_000, seed=seed)
     eval_tasks = calculator.generate("eval", eval_n, seed=0)
-    model.train()
-    for step in range(steps):
-        ids, labels = _sft_batch(tokenizer, rng.sample(pool, batch_size), rng, tool_frac)
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 200 == 0 and step + 1 < steps:
+
+    def report(step: int, loss: torch.Tensor) -> None:
+        if step % 200 == 0 and step < steps:
             m = measure(model, tokenizer, eval_tasks, seed=seed)
-            log(f"pretrain step {step + 1}/{steps} loss {loss.item():.4f} " + _fmt(m))
-    model.eval()
+            log(f"pretrain step {step}/{steps} loss {loss.item():.4f} " + _fmt(m))
+
+    sft_warm_start(model, lambda: _sft_batch(tokenizer, rng.sample(pool, batch_size), rng, tool_frac),
+                   steps=steps, lr=lr, report=report)
     metrics = measure(model, tokenizer, eval_tasks, seed=seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    _portable_tokenizer_class(out)
-    n_params = sum(p.numel() for p in model.parameters())
+    out, n_params = save_tiny(model, tokenizer, out_dir)
     log(f"saved {out} ({n_params:,} parameters), held-out " + _fmt(metrics))
     return PretrainResult(out, n_params, metrics, time.time() - start)
 
