@@ -32,13 +32,17 @@ def resolve_model_path(path: str) -> Path:
 
 
 def load_tokenizer(path: str | Path):
-    """The folder's tokenizer. A plain ``PreTrainedTokenizerFast`` is loaded with that exact class,
-    so AutoTokenizer cannot swap it for an architecture default (see docs: the tokenizer trap)."""
+    """The folder's tokenizer (or that of a model name :func:`resolve_model_path` takes, e.g. 'bundled'; any
+    other path is a FileNotFoundError, never a download). A plain ``PreTrainedTokenizerFast`` is loaded with
+    that exact class, so AutoTokenizer cannot swap it for an architecture default (see docs: the tokenizer
+    trap)."""
     import json
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    folder = Path(path)
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        folder = resolve_model_path(str(path))
     cfg_file = folder / "tokenizer_config.json"
     cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
     if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):

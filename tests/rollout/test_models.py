@@ -106,6 +106,15 @@ def test_cuda_requested_without_cuda_is_a_config_error():
         load_policy("bundled", device="cuda")
 
 
+def test_load_tokenizer_takes_model_names_and_never_goes_to_the_hub():
+    from offpolicy.rollout.model import BUNDLED, load_tokenizer
+
+    assert load_tokenizer("bundled").get_vocab() == load_tokenizer(BUNDLED).get_vocab()
+    assert load_tokenizer("bundled:tiny-calc").get_vocab() == load_tokenizer(BUNDLED.parent / "tiny-calc").get_vocab()
+    with pytest.raises(FileNotFoundError, match="model.path: Qwen/Qwen2-0.5B is not a directory"):
+        load_tokenizer("Qwen/Qwen2-0.5B")  # a hub id: refused at once (it used to retry the hub for ~45 s)
+
+
 def test_model_section_is_validated():
     with pytest.raises(ConfigError, match="did you mean 'model.lora.alpha'"):
         load_config(None, ["model.lora.alpah=8"])
