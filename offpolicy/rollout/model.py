@@ -273,7 +273,7 @@ def tied_aliases(state: dict) -> dict[str, str]:
         if key in first:
             out[k] = first[key]
         else:
-            first.setdefault(key, k)
+            first[key] = k
     return out
 
 
