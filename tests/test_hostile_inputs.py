@@ -226,6 +226,7 @@ def test_a_file_with_no_row_left_is_an_error_with_the_reasons(tmp_path):
 # ---------------------------------------------------------------------------- rewards that hang
 
 
+@pytest.mark.timing
 def test_a_reward_that_always_hangs_stops_the_run_naming_it(tmp_path, capsys):
     t0 = time.monotonic()
     rc = main(["train", f"run.dir={tmp_path}", "train.steps=2", "reward.function=test_hostile_inputs:hangs",
@@ -238,6 +239,7 @@ def test_a_reward_that_always_hangs_stops_the_run_naming_it(tmp_path, capsys):
                                  "the run stopped before its first step)")
 
 
+@pytest.mark.timing
 def test_a_reward_that_starts_hanging_mid_run_stops_after_a_checkpoint(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OFFPOLICY_TEST_MARKER", str(tmp_path / "calls"))
     monkeypatch.setenv("OFFPOLICY_TEST_CALLS", str(8 + 16))  # the first evaluation and step 1's batch
@@ -251,6 +253,7 @@ def test_a_reward_that_starts_hanging_mid_run_stops_after_a_checkpoint(tmp_path,
     assert [r["step"] for r in read_metrics(run_dir, "train")] == [1]
 
 
+@pytest.mark.timing
 def test_the_breaker_counts_consecutive_timeouts_only(tmp_path):
     guard = GuardedReward(raises_or_sleeps, timeout_s=0.3, max_timeouts=2)
     try:
@@ -263,6 +266,7 @@ def test_the_breaker_counts_consecutive_timeouts_only(tmp_path):
         guard.close()
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("timeout_s", [5.0, None])
 def test_a_batch_past_its_deadline_stops(timeout_s):
     guard = GuardedReward(slow, timeout_s=timeout_s, batch_timeout_s=0.5, name="slow_reward")
@@ -278,6 +282,7 @@ def test_a_batch_past_its_deadline_stops(timeout_s):
         guard.close()
 
 
+@pytest.mark.timing
 def test_the_first_fault_of_each_kind_is_reported_as_it_happens():
     seen = []
     guard = GuardedReward(raises_or_sleeps, timeout_s=5.0, on_fault=lambda s: seen.append((s.fault,

@@ -20,6 +20,7 @@ SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=
          "run.progress=false", "run.loggers=[]"]
 
 
+@pytest.mark.timing
 def test_raising_hanging_and_nan_rewards_are_isolated_per_sample(tmp_path, monkeypatch):
     monkeypatch.setenv("OFFPOLICY_TEST_HANG_MARKER", str(tmp_path / "hung"))
     cfg = load_config(None, [*SMALL, f"run.dir={tmp_path / 'run'}", "train.steps=4",

@@ -105,6 +105,7 @@ def test_parse_tests_accepts_the_documented_forms_and_rejects_others():
 # --- limits ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.timing
 def test_infinite_loop_is_killed_at_the_wall_clock_limit():
     _layers()
     code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    time.sleep(0.01)"
@@ -113,6 +114,7 @@ def test_infinite_loop_is_killed_at_the_wall_clock_limit():
     assert 0.9 <= res.seconds < 2.5
 
 
+@pytest.mark.timing
 def test_busy_loop_is_killed_at_the_cpu_limit():
     _layers()
     res = run_code("while True:\n    pass", cpu_s=1, timeout_s=20)

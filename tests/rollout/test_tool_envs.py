@@ -62,6 +62,7 @@ def test_calculator_bound_is_on_digits():
         calculator("10**50*10**50")  # each factor is fine, the product is not
 
 
+@pytest.mark.timing
 def test_a_huge_power_is_refused_quickly():
     start = time.monotonic()
     with pytest.raises(ToolError):
@@ -186,6 +187,7 @@ def test_concurrent_episodes_share_nothing():
 # Python env (sandboxed code, math reward)
 
 
+@pytest.mark.timing
 def test_python_env_runs_code_in_the_sandbox_and_scores_with_math_reward():
     env = make_env_factory("python", timeout_s=2.0)()
     assert env.stop == () and env.chat and list(env.tools[0]["function"]["parameters"]["properties"]) == ["code"]

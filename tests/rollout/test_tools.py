@@ -148,12 +148,14 @@ def test_faults_become_error_results_in_call_order():
     assert out[4] == ToolResult(False, "cannot handle that", "exception")
 
 
+@pytest.mark.timing
 def test_in_process_tools_catch_exceptions_too():
     out = run_tool_calls([ToolCall("broken", {"x": ""}), ToolCall("add", {"a": 1})],
                          tools(broken, add, in_process=True), timeout_s=1)
     assert out == [ToolResult(False, "KeyError: 'no such key'", "exception"), ToolResult(True, "2")]
 
 
+@pytest.mark.timing
 def test_a_hanging_tool_is_stopped_and_the_next_call_still_works():
     ts = tools(hang, pid, add)
     before = run_tool_calls([ToolCall("pid", {"x": ""})], ts, timeout_s=30)[0]  # warm a worker up
