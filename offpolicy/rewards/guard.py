@@ -183,16 +183,18 @@ class GuardedReward:
                 self._start()
                 deadline = None if deadline is None else deadline + time.monotonic() - t0  # start-up is not scoring
             todo = [i for i in range(len(pairs)) if i not in results]
+            base = self._progress.value  # before the job goes: the worker may finish samples before we look
             self._conn.send([pairs[i] for i in todo])
-            self._collect(todo, results, deadline, len(pairs))
+            self._collect(todo, results, deadline, len(pairs), base)
         return [results[i] for i in range(len(pairs))]
 
-    def _collect(self, todo: list[int], results: dict[int, Scored], deadline: float | None, total: int) -> None:
+    def _collect(self, todo: list[int], results: dict[int, Scored], deadline: float | None, total: int,
+                 base: int) -> None:
         """Receive the worker's results for ``todo`` (sent in order) into ``results``, timing each sample from
-        the moment the worker's progress counter says the one before finished. A sample past its limit is a
-        time-out (the worker is killed); results the worker held but had not sent yet are lost with it and
-        scored again by the next worker."""
-        base = seen = self._progress.value
+        the moment the worker's progress counter says the one before finished. ``base``: the counter when the
+        job was sent (the worker was idle). A sample past its limit is a time-out (the worker is killed); results
+        the worker held but had not sent yet are lost with it and scored again by the next worker."""
+        seen = self._progress.value
         clock = time.monotonic()  # when the sample in progress started, as far as the parent can see
         got = 0
         while got < len(todo):

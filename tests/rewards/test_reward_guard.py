@@ -83,3 +83,24 @@ def test_results_come_back_in_chunks_and_a_hang_loses_none_of_them():
         assert guard.consecutive_timeouts == 0  # the last sample returned
     finally:
         guard.close()
+
+
+@pytest.mark.timing
+def test_a_hang_is_pinned_on_its_own_sample_when_the_parent_looks_late(monkeypatch):
+    """The worker may finish samples before the parent starts watching its progress (a busy machine): the
+    count it starts from is taken before the job is sent, so the time-out still falls on the hanging sample."""
+    guard = GuardedReward(faulty, timeout_s=1.0)
+    collect = guard._collect
+
+    def late(*args, **kwargs):
+        time.sleep(0.5)  # the worker scores the fast samples and is in the hang by now
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(guard, "_collect", late)
+    try:
+        guard([("7", "7")])  # the worker is up
+        out = guard([("1", "1"), ("2", "1"), ("hang", "1"), ("0", "1")])
+        assert [o.fault for o in out] == [None, None, "timeout", None]
+        assert [o.value for o in out] == [1.0, 0.0, None, 0.0]
+    finally:
+        guard.close()
