@@ -19,7 +19,8 @@ own copy of the policy, optimiser, engine and explorer (same seeds), built from 
 - ``all``: fused + bf16 + compile + static + compiled decode;
 - ``lean``: ``model.forward_impl=lean`` (offpolicy's functional Llama forward, engine and trainer; what
   the demo's default ``auto`` picks);
-- ``lean_compile``: lean + ``train.compile=true``.
+- ``lean_compile``: lean + ``train.compile=true``;
+- ``lean_bf16``: lean + ``model.autocast=auto`` (bf16 where the device has bf16 matrix units, else float32).
 
 Per step: generation seconds (``Explorer.explore``: sampling + reward, the runner's ``gen_s``), training
 seconds (collate + ``train_step`` + scheduler, the runner's ``train_s``), their sum, ``engine_kl`` and
@@ -65,6 +66,7 @@ VARIANTS = {
     "all": [*FUSED, "model.autocast=bfloat16", "train.compile=true", *STATIC, "rollout.compile_decode=true"],
     "lean": ["model.forward_impl=lean"],
     "lean_compile": ["model.forward_impl=lean", "train.compile=true"],
+    "lean_bf16": ["model.forward_impl=lean", "model.autocast=auto"],
 }
 QUICK = ["baseline", "fused", "bf16", "static"]  # nothing that compiles: seconds, not minutes
 # quick: a small batch, rewards scored in-process (no worker pool per variant)
