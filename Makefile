@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pytest-xdist workers for the main suite (2 = this kind of 2-core machine: 1.5x shorter than one; the tests
 # are independent of one another: temporary folders, free ports, one database each); TEST_JOBS=0 runs in-process.
 # Tests marked `timing` (a reward's or tool's time-out of 0.3-2 s that a fast sample must not miss) run alone
-# afterwards: beside another worker on 2 cores, a sample that takes milliseconds once missed a 1 s limit.
+# afterwards, so that a second worker on 2 cores cannot starve a millisecond sample past such a limit.
 TEST_JOBS ?= 2
 # --no-compile: pip's byte-compiling of every installed module was two thirds of an install here (torch:
 # 39 s -> 13 s); Python compiles what is imported on first import, and caches it
