@@ -148,7 +148,6 @@ def test_faults_become_error_results_in_call_order():
     assert out[4] == ToolResult(False, "cannot handle that", "exception")
 
 
-@pytest.mark.timing
 def test_in_process_tools_catch_exceptions_too():
     out = run_tool_calls([ToolCall("broken", {"x": ""}), ToolCall("add", {"a": 1})],
                          tools(broken, add, in_process=True), timeout_s=1)
