@@ -139,6 +139,26 @@ def _batch_index(exps) -> int:
     return e
 
 
+class _ReportedOnly:
+    """``strategy`` over the groups of the batches the explorer has reported (up to ``last``; and of unknown
+    batch, -1). The explorer puts a batch's rows, then reports it: a trainer that took the rows in between
+    and then found the explorer dead would hold a batch it cannot train (no cursor to restart after it),
+    while its rows counted as used. Kept out of reach, they are rolled back with the dead explorer's other
+    unreported rows (fate ``dropped``) and regenerated."""
+
+    def __init__(self, strategy, last: int):
+        self.strategy, self.last = strategy, last
+
+    def select(self, groups, n: int, now_version: int):
+        return self.strategy.select([g for g in groups if g.batch_index <= self.last], n, now_version)
+
+    def state_dict(self) -> dict:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state)
+
+
 class _ExplorerProcess:
     """The explorer process and its hand-offs: the weight channel, the job queue, the batch reports.
     ``restart`` replaces a dead process with a new one that continues after the last batch reported."""
@@ -176,8 +196,9 @@ class _ExplorerProcess:
         self.job_sent = True
 
     def next_batch(self, buffer, strategy, rows: int, now_version: int) -> tuple[list, dict]:
-        """Block until the buffer yields the batch for ``now_version``; (its rows, the explorer's report)."""
-        while not (exps := buffer.sample(rows, strategy, now_version=now_version)):
+        """Block until the buffer yields the batch for ``now_version``; (its rows, the explorer's report).
+        Only reported batches are sampled (:class:`_ReportedOnly`)."""
+        while not (exps := buffer.sample(rows, _ReportedOnly(strategy, self.latest[0]), now_version=now_version)):
             self._next_report()
         e = _batch_index(exps)
         while e not in self.pending:  # the explorer reports each batch right after putting it

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from offpolicy.data.sql_buffer import SQLiteBuffer
 from offpolicy.train.metrics import read_metrics
 
@@ -68,3 +70,56 @@ def test_killed_explorer_is_restarted_and_nothing_is_lost_or_used_twice(tmp_path
     assert set(fates) <= {"used", "dropped", "available"}
     assert all(e.use_count <= 1 for e in ledger.values())  # nothing handed out twice
     assert fates.count("used") == STEPS * 16  # every step trained on exactly one full batch of rows
+
+
+class _Dead:
+    exitcode = -9
+
+    def is_alive(self):
+        return False
+
+
+def _waiting_trainer(last_reported: int):
+    """The trainer's side of the hand-off (no process): reports arrive through ``ready`` and ``reports``."""
+    import queue
+    import threading
+
+    from offpolicy.pipeline.asynchronous import _ExplorerProcess
+
+    side = object.__new__(_ExplorerProcess)
+    side.pending, side.latest = {}, (last_reported, None)
+    side.ready, side.reports, side.proc = threading.Semaphore(0), queue.Queue(), _Dead()
+    return side
+
+
+def _batch(e: int):
+    import torch
+
+    from offpolicy.data.experience import Experience
+
+    return [Experience(torch.tensor([1]), torch.tensor([2]), torch.ones(1), torch.zeros(1), 0.0, f"g{e}", f"g{e}",
+                       version=e, batch_index=e) for _ in range(2)]
+
+
+def test_a_batch_put_but_not_reported_is_not_handed_to_the_trainer(tmp_path):
+    """The explorer dies between putting batch 1 and reporting it: the trainer must not take those rows (they
+    would count as used, yet the restart regenerates batch 1); the restart's roll-back drops them."""
+    from offpolicy.data.sampling import make_strategy
+    from offpolicy.pipeline.asynchronous import ExplorerDied
+    from offpolicy.pipeline.resume import RollBackBatches
+
+    buffer = SQLiteBuffer(tmp_path / "b.db")
+    side = _waiting_trainer(last_reported=0)
+    buffer.put(_batch(0))
+    side.reports.put({"batch": 0, "state": {"cursor": 1}})
+    side.ready.release()
+    staleness = make_strategy("staleness", max_staleness=1)
+    exps, report = side.next_batch(buffer, staleness, rows=2, now_version=0)
+    assert [e.batch_index for e in exps] == [0, 0] and report["state"] == {"cursor": 1}
+    buffer.put(_batch(1))  # ... and the explorer dies before reporting it
+    with pytest.raises(ExplorerDied):
+        side.next_batch(buffer, staleness, rows=2, now_version=1)
+    buffer.sample(0, RollBackBatches(side.latest[0]), now_version=1)  # what the restart does
+    fates = sorted((entry.version, entry.fate) for entry in buffer.ledger().values())  # batch e has version e
+    assert fates == [(0, "used"), (0, "used"), (1, "dropped"), (1, "dropped")]
+    buffer.close()
