@@ -269,3 +269,32 @@ def test_open_buffer_and_pickled_sqlite_handle(tmp_path):
     assert len(clone) == 2 and clone.capacity == 8
     clone.close()
     buf.close()
+
+
+
+def _edit(info: dict) -> None:
+    """Change ``info`` in place at every depth it has."""
+    for v in info.values():
+        if isinstance(v, dict):
+            _edit(v)
+        elif isinstance(v, list):
+            v.append(9)
+    info["edited"] = True
+
+
+@pytest.mark.parametrize("info", [{"correct": True, "answer": "42"}, {"nested": {"turns": [1, 2]}}])
+def test_memory_buffer_copies_info_but_shares_tensors(info):
+    """What is put, what is stored and what is sampled are three rows: a caller editing its ``info`` (flat or
+    nested) changes none of the others; tensors are shared (never modified in place)."""
+    import copy
+
+    put = [dataclasses.replace(e, info=copy.deepcopy(info)) for e in group("g")]
+    buf = MemoryBuffer()
+    buf.put(put)
+    _edit(put[0].info)
+    reuse = make_strategy("priority", use_count_limit=2)
+    first = buf.sample(2, reuse, now_version=0)
+    assert first[0].info == info and first[0].response_ids is put[0].response_ids
+    _edit(first[0].info)
+    again = buf.sample(2, reuse, now_version=0)
+    assert again[0].info == info and again[0].use_count == 2
