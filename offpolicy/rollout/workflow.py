@@ -76,8 +76,8 @@ def decode_texts(tokenizer, rows: Sequence) -> list[str]:
     """``tokenizer.batch_decode(rows, skip_special_tokens=True)`` of token-id rows (lists or 1-D tensors).
 
     A Rust-backed tokenizer whose decoding transformers does not post-process (no
-    ``clean_up_tokenization_spaces``, ``_decode`` not overridden) is decoded by its backend in one call: the
-    same strings, without transformers' per-id conversion (~1.5 ms of a demo step), one row at a time: the
+    ``clean_up_tokenization_spaces``, ``_decode`` not overridden) is decoded by its backend: the same strings,
+    without transformers' per-id conversion (~1.5 ms of a demo step), and one row at a time: the
     backend's ``decode_batch`` hands the rows to its thread pool, whose threads then wait for the cores that
     torch's OpenMP threads still spin on after a forward (256 demo rows right after a matmul: 0.66 ms batched,
     0.04 ms one by one; ~2.6 ms of the demo's explore step batched). Any other goes through ``batch_decode``."""
