@@ -271,7 +271,6 @@ def test_open_buffer_and_pickled_sqlite_handle(tmp_path):
     buf.close()
 
 
-
 def _edit(info: dict) -> None:
     """Change ``info`` in place at every depth it has."""
     for v in info.values():

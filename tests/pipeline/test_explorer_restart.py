@@ -109,7 +109,7 @@ def test_a_batch_put_but_not_reported_is_not_handed_to_the_trainer(tmp_path):
     from offpolicy.pipeline.resume import RollBackBatches
 
     buffer = SQLiteBuffer(tmp_path / "b.db")
-    side = _waiting_trainer(last_reported=0)
+    side = _waiting_trainer(last_reported=-1)  # as at the start of a run
     buffer.put(_batch(0))
     side.reports.put({"batch": 0, "state": {"cursor": 1}})
     side.ready.release()
