@@ -72,7 +72,10 @@ class ToolEnv:
             info["env_s"] = time.perf_counter() - start
             return StepResult(reward=reward, done=True, info=info)
         run, extra = calls[:self.max_calls_per_turn], calls[self.max_calls_per_turn:]
-        results = await asyncio.to_thread(run_tool_calls, run, self._by_name, timeout_s=self.tool_timeout_s) if run else []
+        if all(getattr(self._by_name.get(c.name), "instant", True) for c in run):  # unknown names fail at once
+            results = run_tool_calls(run, self._by_name, timeout_s=self.tool_timeout_s)
+        else:  # a thread: a slow call overlaps the other episodes' (an instant one would pay the hand-off)
+            results = await asyncio.to_thread(run_tool_calls, run, self._by_name, timeout_s=self.tool_timeout_s)
         results += [ToolResult(False, f"not run: at most {self.max_calls_per_turn} tool calls per turn",
                                "too_many_calls")] * len(extra)
         if error is not None:

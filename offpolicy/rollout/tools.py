@@ -12,7 +12,9 @@ concurrent callers and is reused across calls, about 0.1 ms per call when warm) 
 when the deadline passes and replaces on the next call, so a tool that never returns (a C loop, ignored
 signals) is stopped. A trusted tool whose own code bounds its time (the calculator; the python tool,
 whose sandbox has its own wall-clock limit) may run in-process (``in_process=True``): no process hop, and
-no time limit from here.
+no time limit from here. An in-process tool that is also pure and takes microseconds (no I/O, no
+subprocess: the calculator) may be marked ``instant``: an environment then calls it on its event loop, without
+the thread hand-off that lets a slower tool's call overlap the other episodes'.
 """
 
 from __future__ import annotations
@@ -58,9 +60,15 @@ class Tool:
     fn: Callable[..., Any]
     schema: dict  # {"type": "function", "function": {"name", "description", "parameters": {...}}}
     in_process: bool = False  # trusted and bounded in time by its own code: run without a worker process
+    instant: bool = False  # in-process, pure and microseconds long: called on the event loop, not in a thread
+
+    def __post_init__(self):
+        if self.instant and not self.in_process:
+            raise ValueError(f"tool {self.name!r}: instant=True needs in_process=True (a worker-process call "
+                             "blocks until the worker answers)")
 
     @classmethod
-    def from_function(cls, fn: Callable[..., Any], *, in_process: bool = False,
+    def from_function(cls, fn: Callable[..., Any], *, in_process: bool = False, instant: bool = False,
                       bound: Mapping[str, Any] | None = None) -> Tool:
         """The tool ``fn`` with its schema from its signature and docstring (every parameter type-hinted
         and described under ``Args:``; ``get_json_schema`` raises otherwise).
@@ -87,7 +95,7 @@ class Tool:
             except Exception as e:
                 raise ValueError(f"tool {schema['function']['name']!r} must be a module-level function to run "
                                  f"in a worker process (or pass in_process=True): {e}") from None
-        return cls(schema["function"]["name"], fn, schema, in_process)
+        return cls(schema["function"]["name"], fn, schema, in_process, instant)
 
 
 def check_arguments(arguments: Any, schema: dict) -> str | None:

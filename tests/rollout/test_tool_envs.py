@@ -251,3 +251,37 @@ def test_tools_schema_in_the_prompt_and_a_call_round_trips(smoke_tokenizer):
                                                {"role": "tool", "content": "Error: division by zero"}],
                                   tokenize=False)
     assert one == two
+
+
+def test_instant_tools_run_on_the_event_loop_and_others_in_a_thread():
+    """An ``instant`` tool is called on the episode's event loop (no thread hand-off); any other in-process
+    tool in a thread, so that a slow call overlaps the other episodes'; a call mixing both goes to a thread."""
+    import threading
+
+    seen = []
+
+    def fast(text: str) -> str:
+        """Where it ran.
+
+        Args:
+            text: Ignored.
+        """
+        seen.append(threading.current_thread() is threading.main_thread())
+        return text
+
+    def slow(text: str) -> str:
+        """Where it ran.
+
+        Args:
+            text: Ignored.
+        """
+        return fast(text)
+
+    call = '<tool_call>{"name": "%s", "arguments": {"text": "a"}}</tool_call>'
+    env = ToolEnv([Tool.from_function(fast, in_process=True, instant=True), Tool.from_function(slow, in_process=True)],
+                  HermesFormat(), lambda a, t: 0.0)
+    episode(env, [call % "fast", call % "slow", call % "fast" + call % "slow", "done"])
+    assert seen == [True, False, False, False]
+    assert CALCULATOR.instant and CALCULATOR.in_process
+    with pytest.raises(ValueError, match="instant=True needs in_process=True"):
+        Tool.from_function(echo, instant=True)
