@@ -140,9 +140,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
     else:
         load_model(model, str(path / "model.safetensors"), device=str(_device(model)))
     blob = torch.load(path / "trainer.pt", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    if scheduler is not None and blob["scheduler"] is not None:
-        scheduler.load_state_dict(blob["scheduler"])
+    _load_optimizer(optimizer, scheduler, blob["optimizer"], blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(_as_tuple(blob["python_rng"]))
     # checkpoints written before generator states were bytes hold uint8 tensors
@@ -150,6 +148,32 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
     for k, g in (generators or {}).items():
         g.set_state(torch.frombuffer(bytearray(saved[k]), dtype=torch.uint8))
     return {**json.loads((path / "state.json").read_text()), "generators": saved}
+
+
+def _load_optimizer(optimizer, scheduler, saved_optimizer: dict, saved_scheduler: dict | None) -> None:
+    """The checkpoint's optimiser *state* (moments, step counts) and schedule position under this run's
+    *settings*. torch's ``load_state_dict`` would also restore the saved param groups' settings (lr, betas,
+    weight decay, the fused / foreach implementation) and the scheduler's base learning rates, so a resume
+    with ``--allow-changed-config train.lr=...`` (or ``train.optimizer_impl``, ...) would silently keep the
+    old values. The groups' settings are therefore taken from the optimiser as this run's config built it
+    (before loading, so the state is placed as that implementation needs), and the learning rate is the
+    config's base rate times the schedule's factor at the restored position."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    if len(settings) != len(saved_optimizer["param_groups"]):
+        raise ValueError(f"the checkpoint's optimiser has {len(saved_optimizer['param_groups'])} parameter "
+                         f"groups, this run's {len(settings)}")
+    saved_optimizer = {**saved_optimizer, "param_groups": [
+        {**saved, **mine} for saved, mine in zip(saved_optimizer["param_groups"], settings)]}
+    optimizer.load_state_dict(saved_optimizer)
+    if scheduler is None or saved_scheduler is None:
+        return
+    base_lrs = list(scheduler.base_lrs)
+    scheduler.load_state_dict(saved_scheduler)
+    scheduler.base_lrs = base_lrs
+    factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, factors):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _device(model) -> torch.device:

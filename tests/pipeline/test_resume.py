@@ -154,3 +154,49 @@ def test_roll_back_moves_an_evaluation_logged_after_the_checkpoint_of_its_step(t
     (tmp_path / "metrics.jsonl").write_text(text)
     assert roll_back_metrics(tmp_path, 4, eval_at_step=False) == 2
     assert read_metrics(tmp_path) == rows[:2]
+
+
+def _stepped(cfg, model, steps):
+    from offpolicy.pipeline.context import make_optimizer
+
+    opt, sched = make_optimizer(cfg, model)
+    for _ in range(steps):
+        model(input_ids=torch.tensor([[1, 2, 3]])).logits.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return opt, sched
+
+
+def test_a_resume_keeps_the_optimiser_state_but_takes_the_settings_of_its_config(tmp_path):
+    """torch's load_state_dict would restore the saved lr, weight decay and implementation: a resume with
+    --allow-changed-config train.lr=... used to keep training at the old rate."""
+    from offpolicy.config import load_config
+    from offpolicy.pipeline.context import lr_multiplier, make_optimizer
+    from offpolicy.train.checkpoint import load_checkpoint, save_checkpoint
+    from offpolicy.train.tiny import build_model
+
+    schedule = ["train.steps=10", "train.warmup_steps=2", "train.lr_schedule=linear"]
+    old = load_config(None, ["train.lr=0.0003", "train.optimizer_impl=for_loop", *schedule])
+    model = build_model(21, hidden=16, layers=1, heads=2, intermediate=32, seed=0)
+    opt, sched = _stepped(old, model, 3)
+    saved_lr, saved_moment = opt.param_groups[0]["lr"], opt.state[opt.param_groups[0]["params"][0]]["exp_avg"].clone()
+    save_checkpoint(tmp_path, 3, model=model, optimizer=opt, scheduler=sched, state={}, generators={})
+
+    new = load_config(None, ["train.lr=0.001", "train.weight_decay=0.5", "train.optimizer_impl=fused", *schedule])
+    opt2, sched2 = make_optimizer(new, model)
+    load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=opt2, scheduler=sched2)
+    group = opt2.param_groups[0]
+    factor = lr_multiplier(new.train)(3)
+    assert 0 < factor < 1 and saved_lr == pytest.approx(0.0003 * factor)
+    assert group["lr"] == pytest.approx(0.001 * factor, rel=1e-12) and sched2.get_last_lr() == [group["lr"]]
+    assert group["weight_decay"] == 0.5 and group["fused"] is True and sched2.base_lrs == [0.001]
+    assert sched2.last_epoch == 3
+    assert torch.equal(opt2.state[group["params"][0]]["exp_avg"], saved_moment)  # the state is the checkpoint's
+    sched2.step()
+    assert group["lr"] == pytest.approx(0.001 * lr_multiplier(new.train)(4), rel=1e-12)
+
+    # the same config: the learning rate an uninterrupted run would have had, to the bit
+    opt3, sched3 = make_optimizer(old, model)
+    load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=opt3, scheduler=sched3)
+    assert opt3.param_groups[0]["lr"] == saved_lr and opt3.param_groups[0]["fused"] is None
