@@ -239,17 +239,25 @@ class RunContext:
 def make_optimizer(cfg: Config, model: torch.nn.Module):
     """(AdamW over the trainable parameters: all, or the LoRA adapter only; its LR schedule).
 
-    ``train.optimizer_impl`` picks torch's implementation (the same update to float rounding): 'auto' =
-    torch's own choice (foreach on CUDA, the per-parameter loop on CPU), the implementation every measured
-    result before the option came from; 'fused' where torch has a kernel for the parameters' device and dtype."""
+    ``train.optimizer_impl`` picks torch's implementation (the same update to float rounding): 'fused' (one
+    kernel; a ConfigError where torch has none for the parameters' device and dtype), 'foreach', 'for_loop';
+    'auto' = fused where torch has the kernel (transformers' Trainer default, ``adamw_torch_fused``), else
+    torch's own choice."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     impl = cfg.train.optimizer_impl
-    kw = {"auto": {}, "fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[impl]
+
+    def adamw(**kw):
+        return torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                 weight_decay=cfg.train.weight_decay, **kw)
+
+    kw = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
+          "for_loop": {"foreach": False}}[impl]
     try:
-        opt = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                weight_decay=cfg.train.weight_decay, **kw)
-    except RuntimeError as e:  # fused asked for on a device / dtype torch has no kernel for
-        raise ConfigError(f"train.optimizer_impl={impl}: {e}") from None
+        opt = adamw(**kw)
+    except RuntimeError as e:  # no fused kernel for this device / dtype
+        if impl != "auto":
+            raise ConfigError(f"train.optimizer_impl={impl}: {e}") from None
+        opt = adamw()
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train))
 
 

@@ -80,7 +80,9 @@ def test_saved_adapter_and_merged_folder_reload_to_the_same_logprobs(trained, tm
     merged, tok = load_policy(str(tmp_path / "final"))  # a plain folder: no PEFT involved
     assert not is_lora(merged)
     assert not any("lora" in k for k in load_file(tmp_path / "final" / "model.safetensors"))
-    torch.testing.assert_close(_logp(merged, batch)[m], want[m], atol=1e-5, rtol=0)
+    # merging B @ A into W rounds differently from applying them apart: ~1e-5 on log-probs of ~7 nats; a
+    # wrong merge moves them by the adapter's effect (> 1e-2, checked above)
+    torch.testing.assert_close(_logp(merged, batch)[m], want[m], atol=3e-5, rtol=0)
 
     adapted = load_adapter(load_policy("bundled")[0], tmp_path / "final" / "adapter")
     torch.testing.assert_close(_logp(adapted, batch)[m], want[m], atol=1e-5, rtol=0)

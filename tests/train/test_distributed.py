@@ -116,8 +116,14 @@ def two_workers(tmp_path_factory):
     from offpolicy.train.distributed import free_address
 
     out = str(tmp_path_factory.mktemp("dp") / "rank0.pt")
-    _, port = free_address()
-    mp.start_processes(_rank, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+    for attempt in range(3):  # the free port can be taken by another test process before the store binds it
+        _, port = free_address()
+        try:
+            mp.start_processes(_rank, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
+            break
+        except mp.ProcessRaisedException as e:
+            if attempt == 2 or not any(s in str(e) for s in ("EADDRINUSE", "address already in use")):
+                raise
     return torch.load(out, weights_only=False)
 
 

@@ -45,13 +45,32 @@ def test_fused_foreach_and_for_loop_adamw_give_the_same_update(demo):
     opts = {impl: r[0] for impl, r in results.items()}
     assert opts["fused"].defaults["fused"] and opts["foreach"].defaults["foreach"]
     assert not opts["for_loop"].defaults["fused"] and opts["for_loop"].defaults["foreach"] is False
-    assert not opts["auto"].defaults["fused"] and opts["auto"].defaults["foreach"] is None  # torch's own choice
+    assert opts["auto"].defaults["fused"]  # torch has a fused CPU kernel for float32
     ref = results["for_loop"][1]
     moved = max((ref[k] - before[k]).abs().max().item() for k in ref)
     assert moved > 1e-4  # two steps at lr 3e-4 moved the weights
     for impl in ("foreach", "fused", "auto"):
         for k, v in results[impl][1].items():
             torch.testing.assert_close(v, ref[k], atol=1e-6, rtol=0, msg=f"{impl}: {k}")
+
+
+def test_auto_falls_back_to_torchs_own_choice_where_no_fused_kernel_exists_and_fused_is_refused(demo, monkeypatch):
+    from offpolicy.config import ConfigError
+
+    cfg, ctx, _ = demo
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, **kw):  # as torch does for a device without the kernel
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    with_impl = lambda impl: cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer_impl": impl})})
+    opt, _ = make_optimizer(with_impl("auto"), copy.deepcopy(ctx.model))
+    assert not opt.defaults["fused"] and opt.defaults["foreach"] is None
+    with pytest.raises(ConfigError, match="train.optimizer_impl=fused: `fused=True` requires"):
+        make_optimizer(with_impl("fused"), copy.deepcopy(ctx.model))
 
 
 def test_autocast_auto_follows_the_detected_bf16_units(monkeypatch):
