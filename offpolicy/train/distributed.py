@@ -35,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import gc
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -247,5 +249,14 @@ class DataParallel:
         return float(delta[-1]) == 0.0
 
     def close(self) -> None:
+        # The group's destructor joins gloo's worker threads while holding the GIL; a worker still dropping the
+        # tensors of the last collective waits for the GIL: a deadlock (seen in a torchrun rank 1, its DDP
+        # reducer freed as serve() returned: ~ProcessGroupGloo in std::thread::join, the worker in
+        # gil_scoped_acquire), or at interpreter exit an abort ("terminate called without an active exception").
+        # So: free DDP's reducer (a holder of the group) now, and let the workers take the GIL (a sleep releases
+        # it) before the group goes.
+        self.model = self.optimizer = None
+        gc.collect()
+        time.sleep(0.05)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -241,7 +241,7 @@ def test_torchrun_two_ranks_train_like_one(tmp_path, parallel):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     out = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "offpolicy.cli", "train", *args,
                           "train.workers=2", f"train.parallel={parallel}", f"run.dir={two}"], env=env,
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, timeout=240)  # a rank hung in the group's teardown once
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     r1, r2 = read_metrics(one, "train"), read_metrics(two, "train")
     assert len(r1) == len(r2) == 3
