@@ -116,7 +116,8 @@ def _trl_worker(spec: dict) -> dict:
         per_device_train_batch_size=P * K, gradient_accumulation_steps=1, num_generations=K,
         max_completion_length=SETUP["max_new_tokens"], temperature=SETUP["temperature"], top_p=1.0, top_k=0,
         shuffle_dataset=False, learning_rate=SETUP["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        adam_beta1=SETUP["betas"][0], adam_beta2=SETUP["betas"][1], weight_decay=0.0, optim="adamw_torch",
+        adam_beta1=SETUP["betas"][0], adam_beta2=SETUP["betas"][1], weight_decay=0.0,
+        optim="adamw_torch_fused",  # transformers' default (torch >= 2.8) and offpolicy's train.optimizer_impl=auto
         max_grad_norm=SETUP["grad_clip"], loss_type="dapo", beta=0.0, epsilon=SETUP["eps"],
         epsilon_high=SETUP["eps"], scale_rewards="group", num_iterations=1, mask_truncated_completions=False,
     )

@@ -124,7 +124,7 @@ def _trl_worker(spec: dict) -> dict:
         dataloader_num_workers=0, dataloader_pin_memory=False, per_device_train_batch_size=SETUP["pairs_per_step"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
         adam_beta1=SETUP["betas"][0], adam_beta2=SETUP["betas"][1], adam_epsilon=SETUP["adam_eps"],
-        weight_decay=0.0, optim="adamw_torch", max_grad_norm=SETUP["grad_clip"], loss_type=["sigmoid"],
+        weight_decay=0.0, optim="adamw_torch_fused", max_grad_norm=SETUP["grad_clip"], loss_type=["sigmoid"],
         beta=SETUP["beta"], label_smoothing=0.0, max_length=None, pad_to_multiple_of=None, padding_free=False,
         precompute_ref_log_probs=spec["precompute"], disable_dropout=True, use_weighting=False,
         sync_ref_model=False)
