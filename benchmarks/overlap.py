@@ -5,15 +5,18 @@
 Runs the default demo in sync mode (one process, train.threads=2) and in async mode (explorer and
 trainer in two processes, one torch thread each, pipeline.sync_offset=--offset). Reports, per mode,
 the median generation, training and whole-step seconds after a 10-step warm-up; the async target is
-median step <= 1.2 x max(median generation, median training), where sync pays their sum. Writes
-benchmarks/out/overlap/{dashboard.png, table.md}.
+median step <= 1.2 x max(median generation, median training), where sync pays their sum. The runs go to
+benchmarks/out/overlap/runs/<time>/ (a rerun never meets an earlier run's directory); the dashboard and
+the table are copied to benchmarks/out/overlap/{dashboard.png, table.md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +35,8 @@ def main() -> None:
     from offpolicy.pipeline.compare import run_compare
     from offpolicy.train.metrics import read_metrics
 
-    out = Path(args.out)
+    top = Path(args.out)
+    out = top / "runs" / time.strftime("%Y%m%d-%H%M%S")
     variants = {"sync": ["train.threads=2"],
                 "async": ["pipeline.mode=async", f"pipeline.sync_offset={args.offset}", "train.threads=1",
                           "pipeline.explorer_threads=1"]}
@@ -50,8 +54,10 @@ def main() -> None:
                      f"{med['step_s'] / (med['gen_s'] + med['train_s']):.2f} | {wall:.1f} |")
     timing = "\n".join(lines)
     md.write_text(md.read_text() + "\n" + timing + "\n")
+    shutil.copy(png, top / "dashboard.png")
+    shutil.copy(md, top / "table.md")
     print(md.read_text())
-    print(f"dashboard: {png}")
+    print(f"dashboard: {top / 'dashboard.png'}; runs: {out}")
 
 
 if __name__ == "__main__":
