@@ -145,7 +145,7 @@ class Strategy:
         self.rng.setstate((version, tuple(internal), gauss))
 
     def __repr__(self) -> str:
-        params = {k: v for k, v in vars(self).items() if k != "rng"}
+        params = {k: v for k, v in vars(self).items() if k != "rng" and not k.startswith("_")}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
 
@@ -237,6 +237,7 @@ class Mix(Strategy):
             raise ValueError(f"window must be >= 1, got {window}")
         self.p = p
         self.window = window
+        self._reincarnated = False
 
     def _select(self, groups, n, now_version):
         low = now_version - self.window
@@ -265,13 +266,23 @@ class Mix(Strategy):
     def reincarnate(self) -> None:
         """ReMix policy reincarnation: replay nothing from now on and drop the history at the next select."""
         self.p = 0.0
+        self._reincarnated = True
+
+    @property
+    def reincarnated(self) -> bool:
+        """Whether :meth:`reincarnate` was called (in this process or in the run a checkpoint restored)."""
+        return self._reincarnated
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "p": self.p}
+        return {**super().state_dict(), "reincarnated": self.reincarnated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The random state, and whether the run had reincarnated; ``p`` stays this run's setting (a resume
+        may change it). A checkpoint from before the flag holds ``p``: 0 there, with a nonzero setting here,
+        was a reincarnation."""
         super().load_state_dict(state)
-        self.p = state.get("p", self.p)
+        if state.get("reincarnated", state.get("p") == 0.0 and self.p != 0.0):
+            self.reincarnate()
 
 
 class ExpertMix(Strategy):

@@ -140,6 +140,25 @@ def test_state_dict_round_trip_reproduces_the_choices(name):
     assert len({s.take for s in expected}) > 1  # the sequence is random, so the test can fail
 
 
+def test_mix_resume_keeps_the_configured_p_unless_the_run_had_reincarnated():
+    """A resume may change buffer.strategy_params.p (--allow-changed-config): the checkpoint used to put its
+    own p back. Only a reincarnation (p set to 0 by the run) is state to restore."""
+    a = make_strategy("mix", p=0.5, seed=1)
+    changed = make_strategy("mix", p=0.25, seed=1)
+    changed.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert changed.p == 0.25 and not changed.reincarnated
+    a.reincarnate()
+    again = make_strategy("mix", p=0.25, seed=1)
+    again.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert again.p == 0.0 and again.reincarnated
+    old = make_strategy("mix", p=0.25, seed=1)  # a checkpoint written before the flag: {"rng": ..., "p": ...}
+    old.load_state_dict({"rng": a.state_dict()["rng"], "p": 0.0})
+    assert old.p == 0.0 and old.reincarnated
+    kept = make_strategy("mix", p=0.25, seed=1)
+    kept.load_state_dict({"rng": a.state_dict()["rng"], "p": 0.5})
+    assert kept.p == 0.25
+
+
 def test_make_strategy_names_bad_parameters_and_names():
     with pytest.raises(ValueError, match=r"'max_stale'.*did you mean 'max_staleness'.*valid: \['max_staleness', 'seed'\]"):
         make_strategy("staleness", max_stale=2)
