@@ -17,6 +17,7 @@ from offpolicy.data.experience import Batch
 from offpolicy.rollout.lean import is_lean
 from offpolicy.train.algorithm import Algorithm
 from offpolicy.train.plan import StepPlan
+from offpolicy.train.sums import DeviceSums
 
 __all__ = ["Algorithm", "StepPlan", "compile_forward", "response_logp", "train_step"]
 
@@ -175,23 +176,22 @@ def _rank_logprobs(model, batch: Batch, plan: StepPlan, dp, **models) -> dict[st
 
 
 def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: dict[str, torch.Tensor],
-                    algo: Algorithm, plan: StepPlan, *, step: int, sums: dict[str, float],
+                    algo: Algorithm, plan: StepPlan, *, step: int, sums: DeviceSums,
                     first: bool, loss_weight: float = 1.0, dp=None) -> None:
     """Accumulate gradients over micro-batches (normalised by this mini-batch's totals), then step.
 
     ``given``: the plan's per-batch log-probs for these rows. ``first``: the first optimiser step of the
-    batch (the weights are still those at the step start), where the engine mismatch is measured."""
+    batch (the weights are still those at the step start), where the engine mismatch is measured. The
+    statistics stay on the device until one transfer before the step (with the finiteness check)."""
     mixed = algo.pair_fn is not None and batch.pair_B is not None  # samples and pairs: two losses
     policy_mask_BT = batch.mask_BT * ~batch.pair_B[:, None] if mixed else batch.mask_BT
     n_tokens = policy_mask_BT.sum().clamp(min=1)
-    n_seqs = int((policy_mask_BT.sum(-1) > 0).sum())  # rows with no trainable token count for nothing
+    n_seqs = (policy_mask_BT.sum(-1) > 0).sum()  # rows with no trainable token count for nothing (a tensor: no sync)
     n_pair_rows = int(((batch.mask_BT * batch.pair_B[:, None]).sum(-1) > 0).sum()) if mixed else 0
     optimizer.zero_grad(set_to_none=True)
     losses: list[torch.Tensor] = []
-    before = dict(sums)  # data-parallel: what this optimiser step adds is summed over the ranks
-
-    def add(key: str, value) -> None:
-        sums[key] = sums.get(key, 0.0) + _stat(value)
+    before = dict(sums.done)  # data-parallel: what this optimiser step adds is summed over the ranks
+    add = sums.add
 
     def agg(x_BT, m_BT):
         return algo.agg_fn(x_BT, m_BT, num_tokens=n_tokens, num_seqs=n_seqs)
@@ -216,14 +216,14 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: 
                 loss = loss + algo.pair_coef * term
                 add("pair/loss", term)
                 for k, v in pair_stats.items():
-                    add(f"pair/{k}", w * _stat(v))
+                    add(f"pair/{k}", v, w)
             for reg in algo.regularizers:
                 reg_out = reg(logp_BT, inputs)
                 term = agg(reg_out.loss_BT, inputs.mask)
                 loss = loss + term
                 add(f"reg/{reg.func.__name__}", term)
                 for k, v in reg_out.stats.items():
-                    add(k, w * _stat(v))
+                    add(k, v, w)
             (loss * loss_weight if loss_weight != 1.0 else loss).backward()
         losses.append(loss.detach())
         add("loss", loss)
@@ -233,15 +233,17 @@ def _optimizer_step(model, optimizer, batch: Batch, adv_B: torch.Tensor, given: 
         if first:
             _engine_mismatch(mb, logp_BT.detach(), step, sums)
         for k, v in out.stats.items():
-            add(f"loss/{k}", w * _stat(v))
-    finite = all(torch.isfinite(l) for l in losses)
+            add(f"loss/{k}", v, w)
+    finite = torch.stack([torch.isfinite(l) for l in losses]).all()
     if dp is not None:  # the gradients were summed by the last backward; the statistics are summed here
-        finite = dp.reduce_stats(sums, since=before, finite=finite, device=next(model.parameters()).device)
+        finite = torch.tensor(dp.reduce_stats(sums.done, since=before, finite=bool(sums.flush(finite)[0]),
+                                              device=next(model.parameters()).device))
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: the global norm, as a replicated DTensor
         grad_norm = grad_norm.full_tensor()
     add("grad_norm", grad_norm)
-    if not (torch.isfinite(grad_norm) and finite):
+    (ok,) = sums.flush(torch.isfinite(grad_norm) & finite.to(grad_norm.device))  # the step's one host transfer
+    if not ok:
         optimizer.zero_grad(set_to_none=True)  # a non-finite loss or gradient: skip, weights untouched
         add("skipped", 1)
         return
@@ -260,7 +262,7 @@ def _pair_term(algo: Algorithm, logp_BT: torch.Tensor, inputs: LossInputs, pair_
     return out.loss_BT.sum() / max(n_pair_rows, 1), out.stats
 
 
-def _engine_mismatch(mb: Batch, logp_BT: torch.Tensor, step: int, sums: dict[str, float]) -> None:
+def _engine_mismatch(mb: Batch, logp_BT: torch.Tensor, step: int, sums: DeviceSums) -> None:
     """Engine vs trainer on the rows sampled with the weights the trainer holds now (version step - 1):
     the untruncated engine log-prob against the trainer's. Accumulates the sum and count of
     ``engine - trainer`` (a k1 estimate of KL(engine || trainer)) and the max |difference|."""
@@ -268,10 +270,9 @@ def _engine_mismatch(mb: Batch, logp_BT: torch.Tensor, step: int, sums: dict[str
     engine_BT = mb.behav_logp_BT if engine_BT is None else engine_BT
     m_BT = mb.mask_BT.bool() & (mb.versions_B == step - 1)[:, None]
     diff_BT = torch.where(m_BT, engine_BT - logp_BT, torch.zeros_like(logp_BT))
-    sums["_engine_sum"] = sums.get("_engine_sum", 0.0) + _stat(diff_BT.sum())
-    sums["_engine_n"] = sums.get("_engine_n", 0.0) + _stat(m_BT.sum())
-    peak = _stat(diff_BT.abs().max()) if diff_BT.numel() else 0.0
-    sums["_engine_max"] = max(sums.get("_engine_max", 0.0), peak)
+    sums.add("_engine_sum", diff_BT.sum())
+    sums.add("_engine_n", m_BT.sum())
+    sums.max("_engine_max", diff_BT.abs().max() if diff_BT.numel() else torch.zeros((), device=diff_BT.device))
 
 
 def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, *, ref_model=None,
@@ -294,13 +295,14 @@ def train_step(model, optimizer, batch: Batch, algo: Algorithm, plan: StepPlan, 
         batch = _to_device(batch, device)
     adv_B = algo.adv_fn(batch.rewards_B, batch.group_ids_B)
     given = _rank_logprobs(model, batch, plan, dp, ref_model=ref_model, prev_model=prev_model)
-    sums: dict[str, float] = {}
+    running = DeviceSums()
     n_steps = 0
     for _ in range(plan.updates_per_batch):
         for rows in torch.arange(len(batch)).tensor_split(plan.mini_batches):
             _optimizer_step(model, optimizer, batch.select(rows), adv_B[rows], {k: v[rows] for k, v in given.items()},
-                            algo, plan, step=step, sums=sums, first=n_steps == 0, loss_weight=loss_weight, dp=dp)
+                            algo, plan, step=step, sums=running, first=n_steps == 0, loss_weight=loss_weight, dp=dp)
             n_steps += 1
+    sums = running.done
     skipped = sums.pop("skipped", 0.0)
     engine = {k: sums.pop(f"_engine_{k}") for k in ("sum", "n", "max")}
     stats = {k: v / n_steps for k, v in sums.items()}
