@@ -7,26 +7,14 @@ import copy
 import pytest
 import torch
 
-from offpolicy.config import load_config
-from offpolicy.data.experience import collate
-from offpolicy.pipeline.context import build_context, make_optimizer
-from offpolicy.pipeline.explorer import Explorer
+from offpolicy.pipeline.context import make_optimizer
 from offpolicy.train.step import compile_forward, response_logp, train_step
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, demo_batch):
     """The bundled model, its default algorithm and one demo batch (8 prompts x 4 samples)."""
-    tmp = tmp_path_factory.mktemp("lean")
-    cfg = load_config(None, [f"run.dir={tmp}/run", "run.loggers=[]", "rollout.prompts_per_step=8",
-                             "rollout.group_size=4", "tasks.eval_size=4"])
-    ctx = build_context(cfg, tmp)
-    explorer = Explorer.from_context(ctx)
-    try:
-        batch = collate(explorer.explore(0, 0)[0], ctx.tokenizer.pad_token_id)
-    finally:
-        explorer.close()
-    return cfg, ctx, batch
+    return demo_batch(tmp_path_factory.mktemp("lean"))
 
 
 def _updated(cfg, ctx, batch, impl, steps=2):

@@ -55,25 +55,15 @@ def test_flush_returns_the_extra_values_and_a_nan_peak_is_ignored_like_pythons_m
 
 
 @pytest.mark.parametrize("forward_impl", ["lean", "transformers"])
-def test_a_training_step_moves_its_statistics_to_the_host_in_one_transfer(tmp_path, forward_impl, monkeypatch):
+def test_a_training_step_moves_its_statistics_to_the_host_in_one_transfer(tmp_path, forward_impl, monkeypatch,
+                                                                           demo_batch):
     """Each float(t) / t.item() is a host sync on a GPU: the step made 21 before DeviceSums (one per
     statistic), now one transfer per optimiser step and a few fixed ones (the sequence count, the lean
     forward's packing)."""
-    from offpolicy.config import load_config
-    from offpolicy.data.experience import collate
-    from offpolicy.pipeline.context import build_context
-    from offpolicy.pipeline.explorer import Explorer
     from offpolicy.train.step import train_step
 
-    cfg = load_config(None, [f"run.dir={tmp_path}/run", "run.loggers=[]", "rollout.prompts_per_step=8",
-                             "rollout.group_size=4", "tasks.eval_size=4", f"model.forward_impl={forward_impl}",
-                             "algorithm.preset=decoupled_ppo"])  # several regularisers and loss statistics
-    ctx = build_context(cfg, tmp_path)
-    explorer = Explorer.from_context(ctx)
-    try:
-        batch = collate(explorer.explore(0, 0)[0], ctx.tokenizer.pad_token_id)
-    finally:
-        explorer.close()
+    # decoupled_ppo: several regularisers and loss statistics
+    _, ctx, batch = demo_batch(tmp_path, f"model.forward_impl={forward_impl}", "algorithm.preset=decoupled_ppo")
     calls = collections.Counter()
     for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
         real = getattr(torch.Tensor, name)
