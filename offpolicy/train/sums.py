@@ -28,19 +28,19 @@ class DeviceSums:
 
     def add(self, key: str, value, weight: float = 1.0) -> None:
         """``sums[key] += weight * value``."""
-        if not torch.is_tensor(value) and key not in self._sum:
+        if torch.is_tensor(value):
+            v = _f64(value) if weight == 1.0 else _f64(value) * weight
+            self._sum[key] = self._running(key, v.device, self._sum) + v
+        elif key in self._sum:  # a plain number after tensors of the same key
+            self._sum[key] = self._sum[key] + weight * float(value)
+        else:
             self.done[key] = self.done.get(key, 0.0) + weight * float(value)
-            return
-        v = _f64(value) if torch.is_tensor(value) else weight * float(value)
-        if torch.is_tensor(v) and weight != 1.0:
-            v = v * weight
-        self._sum[key] = self._start(key, v, self._sum) + v
 
     def max(self, key: str, value) -> None:
         """``sums[key] = max(sums[key], value)`` (0 when absent, as for absolute values); a NaN value is
         ignored, as Python's ``max(running, nan)`` did."""
         v = _f64(value)
-        self._max[key] = torch.fmax(self._start(key, v, self._max), v)
+        self._max[key] = torch.fmax(self._running(key, v.device, self._max), v)
 
     def flush(self, *extra: torch.Tensor) -> list[float]:
         """Move every waiting value to :attr:`done` in one transfer per device; returns ``extra`` (scalar
@@ -58,12 +58,11 @@ class DeviceSums:
         self.done.update({k: values[k] for k, _ in pending})
         return [values[k] for k, _ in extra_keys]
 
-    def _start(self, key: str, like: torch.Tensor | float, pending: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _running(self, key: str, device: torch.device, pending: dict[str, torch.Tensor]) -> torch.Tensor:
         """The running value of ``key``: waiting on the device, or the flushed float put there (a fill, not a
         host-to-device copy)."""
         if key in pending:
             return pending[key]
-        device = like.device if torch.is_tensor(like) else "cpu"
         return torch.full((), self.done.pop(key, 0.0), dtype=torch.float64, device=device)
 
 
