@@ -7,12 +7,12 @@ text. `truth_answer` reads the ground truth: a bare answer (``"18"``, ``"1,000"`
 ``"$5"``) or a GSM8K answer field (what follows the last ``####``).
 
 `answers_equal` compares the two. Plain numbers -- commas, ``$``, units, ``%``, ``a/b``, ``\\frac{a}{b}``,
-signs, decimals -- are compared as exact fractions within a relative tolerance of 1e-6, so ``0.50 == 0.5``,
-and ``50%`` equals both ``50`` and ``0.5``. Anything else (``\\sqrt{2}``, ``x+5``, ``(1, 2)``, ``\\pi/2``)
-goes to math-verify (`math_verify.parse` / `math_verify.verify`; floats if it cannot parse a side). Its
-signal-based time limit works only in the main thread, so it is used there (`MATH_VERIFY_TIMEOUT_S` per
-call) and left off in other threads: call this from a worker thread only under an outer limit
-(`offpolicy.rewards.guard.GuardedReward` enforces one).
+signs, decimals -- are compared as exact fractions within a relative tolerance of 1e-6 (two integers:
+exactly), so ``0.50 == 0.5``, and ``50%`` equals both ``50`` and ``0.5``. Anything else (``\\sqrt{2}``, ``x+5``,
+``(1, 2)``, ``\\pi/2``) goes to math-verify (`math_verify.parse` / `math_verify.verify`; floats if it cannot
+parse a side). Its signal-based time limit works only in the main thread, so it is used there
+(`MATH_VERIFY_TIMEOUT_S` per call) and left off in other threads: call this from a worker thread only under an
+outer limit (`offpolicy.rewards.guard.GuardedReward` enforces one).
 
 Speed (measured, docs/rewards.md): 20-140 us per GSM8K chain-of-thought response (plain numbers never
 reach math-verify); 1-15 ms when math-verify parses a LaTeX expression (parses are cached).
@@ -244,8 +244,11 @@ def _numbers_equal(p: Number, g: Number) -> bool:
         candidates.append((p.value / 100, g.value))
     if g.percent:
         candidates.append((p.value, g.value / 100))
-    # Exact fractions, so a 5000-digit "number" cannot overflow a float.
-    return any(abs(a - b) <= max(_REL_TOL * max(abs(a), abs(b)), _ABS_TOL) for a, b in candidates)
+    # Exact fractions, so a 5000-digit "number" cannot overflow a float. Two integers are equal or not: the
+    # tolerance is for decimals that approximate a fraction (0.3333333 vs 1/3); on integers it would make an
+    # off-by-one answer above a million (1450001 vs 1,450,000) correct.
+    return any(a == b if a.denominator == b.denominator == 1
+               else abs(a - b) <= max(_REL_TOL * max(abs(a), abs(b)), _ABS_TOL) for a, b in candidates)
 
 
 def _canon(s: str) -> str:

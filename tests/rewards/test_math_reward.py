@@ -78,6 +78,16 @@ def test_unequal_forms(response, truth):
     assert math_reward(f"The answer is {response}", truth) == 0.0
 
 
+@pytest.mark.parametrize("response, truth", [
+    ("1450001", "1,450,000"), ("1,449,999", "1450000"), ("109200001", "109,200,000"), ("-2000001", "-2000000"),
+])
+def test_large_integers_off_by_one_are_wrong(response, truth):
+    """The relative tolerance (1e-6) is for decimals: 1450001 is within 6.9e-7 of 1450000 but is a wrong answer
+    (18 GSM8K answers are over a million)."""
+    assert math_reward(f"The answer is {response}", f"#### {truth}") == 0.0
+    assert math_reward(f"The answer is {truth}", f"#### {truth}") == 1.0
+
+
 def test_several_numbers_final_answer_wins():
     text = "She buys 3 packs of 12 eggs, 36 eggs. She uses 18, so 36 - 18 = 18 are left."
     assert math_reward(text, "18") == 1.0
