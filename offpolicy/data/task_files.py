@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -97,7 +98,10 @@ def _jsonl_rows(path: Path, max_bytes: int | None = None) -> Iterator[tuple[str,
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, str, dict]]:
     text = _read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    # Lines end at \n, \r\n or \r only (newline="", as the csv module asks): str.splitlines would also split at
+    # \f, \v, \x1c-\x1e, \x85, \u2028 and \u2029 inside a field, cutting the row and shifting the line numbers.
+    lines = io.StringIO(text, newline="")
+    reader = csv.DictReader(lines, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
     if reader.fieldnames is None:
         raise DatasetError(f"{path}:1: no header row")
     for row in reader:

@@ -80,6 +80,22 @@ def test_malformed_rows_name_file_line_and_field(tmp_path, ext, content, message
         task_source(cfg("tasks.name=file", f"tasks.train_path={f}", "tasks.prompt_key=q", "tasks.answer_key=a"))
 
 
+@pytest.mark.parametrize("sep", ["\f", "\v", "\x1c", "\x85", "\u2028", "\u2029"])
+@pytest.mark.parametrize("quoted", [False, True])
+def test_csv_rows_split_only_at_line_ends(tmp_path, sep, quoted):
+    """A form feed or a Unicode line separator inside a CSV field is text, not the end of the row, and the rows
+    after it keep their line numbers."""
+    q = f"What is 2{sep}+2?"
+    cell = f'"{q}"' if quoted else q
+    f = tmp_path / "rows.csv"
+    f.write_text(f'q,a\n{cell},4\nWhat is 3+3?,6\nwhy\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"rows\.csv:4: field 'a' is empty"):
+        load_rows(f, prompt_key="q", answer_key="a")
+    f.write_text(f'q,a\n{cell},4\r\nWhat is 3+3?,6\r\n', encoding="utf-8")
+    assert [(t.prompt, t.answer) for t in load_rows(f, prompt_key="q", answer_key="a")] == [(q, "4"),
+                                                                                            ("What is 3+3?", "6")]
+
+
 def test_malformed_parquet_row_names_its_index(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
