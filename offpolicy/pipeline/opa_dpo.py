@@ -119,15 +119,16 @@ def pair_accuracy(model, tokenizer, pairs, *, batch_pairs: int = 128) -> float:
     from offpolicy.data.experience import collate
     from offpolicy.rollout.pairs import PairsWorkflow
     from offpolicy.rollout.workflow import Sampling
-    from offpolicy.train.step import response_logp
+    from offpolicy.train.step import _to_device, response_logp
 
     wins = []
+    device = next(model.parameters()).device
     was = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(pairs), batch_pairs):
-            batch = collate(PairsWorkflow()(None, tokenizer, pairs[i : i + batch_pairs], None, sampling=Sampling()),
-                            tokenizer.pad_token_id)
+            batch = _to_device(collate(PairsWorkflow()(None, tokenizer, pairs[i : i + batch_pairs], None,
+                                                        sampling=Sampling()), tokenizer.pad_token_id), device)
             seq_B = (response_logp(model, batch)[0] * batch.mask_BT).sum(-1)
             margin_P = seq_B[0::2] - seq_B[1::2]
             wins += torch.where(margin_P.abs() < 1e-6, 0.5, (margin_P > 0).float()).tolist()

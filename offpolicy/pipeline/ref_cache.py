@@ -24,11 +24,12 @@ class RefCache:
 
     def fill(self, exps: list[Experience]) -> list[Experience]:
         """``exps`` with ``ref_logp`` set wherever a ``ref_key`` is known or can be computed now."""
-        from offpolicy.train.step import response_logp
+        from offpolicy.train.step import _to_device, response_logp
 
         missing = [e for e in exps if "ref_key" in e.info and e.info["ref_key"] not in self.cache]
         if missing:
-            batch = collate(missing, self.pad_id)
+            # collated on the CPU; the reference runs where it lives (as the training step moves its batch)
+            batch = _to_device(collate(missing, self.pad_id), next(self.ref_model.parameters()).device)
             with torch.no_grad():
                 ref_BT = response_logp(self.ref_model, batch, temperature=self.temperature)[0].cpu()
             for i, e in enumerate(missing):

@@ -52,15 +52,16 @@ class PairsWorkflow:
         """Held-out ``preference_accuracy`` (also as ``accuracy``; a tie counts 1/2, so the initial policy,
         equal to the reference, scores 0.5) and the mean implicit ``reward_margin`` (beta not applied),
         policy against the reference model."""
-        from offpolicy.train.step import response_logp
+        from offpolicy.train.step import _to_device, response_logp
 
         model, ref = ctx.model, ctx.ref_model
+        device = next(model.parameters()).device
         was = model.training
         model.eval()
         wins, margins = [], []
         for i in range(0, len(pairs), batch_pairs):
             exps = self(None, ctx.tokenizer, pairs[i : i + batch_pairs], None, sampling=Sampling())
-            batch = collate(exps, ctx.tokenizer.pad_token_id)
+            batch = _to_device(collate(exps, ctx.tokenizer.pad_token_id), device)  # collated on the CPU
             delta_B = ((response_logp(model, batch)[0] - response_logp(ref, batch)[0]) * batch.mask_BT).sum(-1)
             margin_P = delta_B[0::2] - delta_B[1::2]
             # a tie (policy = reference, up to float noise) is a coin flip, not a loss
