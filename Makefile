@@ -19,7 +19,7 @@ TEST_JOBS ?= 2
 PIP_INSTALL := -m pip install --quiet --no-compile
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-slow install bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "timing and not slow and not gpu"
 	scripts/setup_vllm.sh
 	.venv-vllm/bin/python -m pytest -q -m vllm tests/rollout/test_vllm_engine.py
+
+# the long end-to-end tests (Ray cluster, torchrun ranks, compiled forwards; ~2.5 min on 2 cores): CI runs them
+# after `make test`, which stays the everyday command
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow and not gpu"
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
