@@ -80,6 +80,10 @@ def load_opa_dpo_config(path=None, overrides=()) -> tuple[OpaDpoConfig, dict[str
     if cfg.tasks.name == "pairs":
         raise ConfigError("opa-dpo: tasks are the prompts the policy answers in stage 1 (arithmetic, file, hf, ...), "
                           "not tasks.name=pairs; stage 4's pairs are built by stage 2")
+    if cfg.reward.model is not None:
+        raise ConfigError(f"opa-dpo: reward.model={cfg.reward.model} is read by no stage: stage 1 marks answers right "
+                          "or wrong with reward.function, and stage 4 trains on the stage-2 pairs (nothing is "
+                          "scored); drop reward.model")
     if not cfg.run.save_final:
         raise ConfigError("opa-dpo: run.save_final=false: the DPO stage's final policy is the run's result (its "
                           "greedy accuracy is measured on it); leave run.save_final=true")

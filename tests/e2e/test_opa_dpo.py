@@ -77,6 +77,7 @@ def test_a_failed_stage_resumes_from_the_last_finished_one_and_the_run_improves(
     (["tasks.name=pairs", "tasks.train_path=x.jsonl"], "not tasks.name=pairs"),
     (["run.save_final=false"], "leave run.save_final=true"),
     (["opa_dpo.align.steps=-1"], "opa_dpo.align.steps"),
+    (["reward.model=some/rm"], "reward.model=some/rm is read by no stage"),  # was accepted and ignored
 ])
 def test_settings_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message):
