@@ -78,6 +78,8 @@ def _hermes_call(body: str) -> ToolCall | str:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return f"invalid JSON ({e.msg} at char {e.pos})"
+    except RecursionError:  # json raises this, not JSONDecodeError, from about 1000 nested brackets
+        return "invalid JSON (nested too deeply)"
     if not isinstance(obj, dict):
         return "expected a JSON object"
     name = obj.get("name")
@@ -87,7 +89,7 @@ def _hermes_call(body: str) -> ToolCall | str:
     if isinstance(args, str):  # some models write the arguments as a JSON string (OpenAI's wire format)
         try:
             args = json.loads(args)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
     if not isinstance(args, dict):
         return "'arguments' must be a JSON object"
