@@ -61,7 +61,7 @@ def check_value(value) -> Scored:
 def score_one(fn: Callable[[str, str], float], response: str, truth: str) -> Scored:
     try:
         return check_value(fn(response, truth))
-    except Exception:  # a user reward may raise anything; the sample is marked, the run goes on
+    except (Exception, SystemExit):  # a user reward may raise anything (even sys.exit); the sample is marked
         return Scored(None, "exception", traceback.format_exc(limit=8))
 
 

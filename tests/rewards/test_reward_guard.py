@@ -27,6 +27,10 @@ def faulty(response, truth):
         import os
 
         os._exit(3)
+    if response == "exit":
+        import sys
+
+        sys.exit(3)  # SystemExit is no Exception: a reward calling it must not end the run
     return float(response == truth)
 
 
@@ -61,6 +65,16 @@ def test_in_process_mode_catches_exceptions():
     guard = GuardedReward(faulty, timeout_s=None)
     out = guard([("raise", "1"), ("1", "1")])
     assert out[0].fault == "exception" and out[1].value == 1.0
+
+
+@pytest.mark.parametrize("timeout_s", [None, 5.0])
+def test_sys_exit_in_a_reward_is_an_exception_of_its_sample(timeout_s):
+    guard = GuardedReward(faulty, timeout_s=timeout_s)
+    try:
+        out = guard([("1", "1"), ("exit", "1"), ("1", "1")])
+    finally:
+        guard.close()
+    assert [o.fault for o in out] == [None, "exception", None] and "SystemExit: 3" in out[1].message
 
 
 @pytest.mark.timing
