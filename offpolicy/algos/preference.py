@@ -47,6 +47,9 @@ def dpo(logp_BT: Tensor, inputs: LossInputs, *, beta: float = 0.1, loss_type: Li
     """
     if logp_BT.shape[0] % 2:
         raise ValueError(f"dpo: a batch of pairs has an even number of rows, got {logp_BT.shape[0]}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"dpo: label_smoothing={label_smoothing} applies to loss_type='sigmoid' only (IPO's squared "
+                         f"loss has no smoothing term), got loss_type={loss_type!r}; set label_smoothing=0")
     m_BT = inputs.mask.bool()
     delta_BT = weighted_delta(logp_BT, require(inputs, "ref_logp", "dpo"), inputs.mask, inputs.weights)
     n_B = m_BT.sum(-1).clamp(min=1).to(logp_BT.dtype)

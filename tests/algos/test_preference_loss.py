@@ -53,3 +53,9 @@ def test_declares_ref_logp_and_refuses_an_odd_batch():
     assert reads_of("policy_loss", "dpo") == {"ref_logp"}
     with pytest.raises(ValueError, match="even number of rows"):
         _run([[0.0]] * 3, [[0.0]] * 3, [[1]] * 3)
+
+
+def test_ipo_refuses_label_smoothing_rather_than_ignoring_it():
+    # label smoothing is a term of the sigmoid (cDPO) loss; IPO's squared loss has none, and the value was dropped
+    with pytest.raises(ValueError, match="label_smoothing=0.1.*loss_type='sigmoid'"):
+        _run([[-1.0], [-1.0]], [[-1.0], [-1.0]], [[1], [1]], loss_type="ipo", label_smoothing=0.1)
