@@ -121,7 +121,14 @@ class MultiTurn:
         return episodes
 
     async def _start(self, e: Episode, tokenizer) -> None:
-        first = await e.env.reset(e.task)
+        """``env.reset``; an environment that raises there ends its episode before it starts, as inert."""
+        try:
+            first = await e.env.reset(e.task)
+        except Exception as exc:  # a user environment may raise anything; the episode is isolated
+            self._raised(e, "reset", exc)
+            e.prompt_ids = encode_prompt(tokenizer, e.task)
+            e.fault, e.done = "env_exception", True
+            return
         if getattr(e.env, "chat", False):
             e.messages = [{"role": "user", "content": first or e.task.prompt}]
             e.prompt_ids = _render(tokenizer, e.messages, e.env)
@@ -136,13 +143,16 @@ class MultiTurn:
         try:
             res = await e.env.step(e.last_text)
         except Exception as exc:  # a user environment may raise anything; the episode is isolated
-            if "env" not in self.reported:
-                self.reported.add("env")
-                print(f"multi_turn: the environment raised on task {e.task.task_id}: {exc!r}; the episode is not "
-                      "trained on (reward_faults/env_exception)", file=sys.stderr)
+            self._raised(e, "step", exc)
             res = StepResult(done=True, info={"reward_fault": "env_exception"})
         e.stats["env_s"] += time.perf_counter() - t0
         return res
+
+    def _raised(self, e: Episode, where: str, exc: Exception) -> None:
+        if "env" not in self.reported:
+            self.reported.add("env")
+            print(f"multi_turn: the environment raised on task {e.task.task_id} in {where}: {exc!r}; the episode is "
+                  "not trained on (reward_faults/env_exception)", file=sys.stderr)
 
     def _observe(self, e: Episode, res: StepResult, tokenizer, turn: int) -> None:
         """Merge the step's info; end the episode, or append the observation's tokens (mask 0)."""
