@@ -32,7 +32,7 @@ import torch
 
 from offpolicy.algos import PAIR_BUILDERS
 from offpolicy.data.experience import Experience
-from offpolicy.rollout.workflow import Sampling, Scorer, single_turn
+from offpolicy.rollout.workflow import Sampling, Scorer, group_id, single_turn
 
 Pairing = Literal["best_vs_worst", "all_pairs"]
 
@@ -58,7 +58,7 @@ def build_pairs(group: Sequence[Experience], pairing: Pairing, group_size: int) 
     inert. A sample whose reward faulted (``reward_fault``) takes part in no pair."""
     ranked = PAIR_BUILDERS[pairing]([None if "reward_fault" in e.info else e.reward for e in group])
     n = pairs_per_task(pairing, group_size)
-    base = group[0].group_id.split("#", 1)[0]
+    base = group_id(group[0], group[0].version, group[0].batch_index)  # the task's, from fields (never parsed)
     out: list[Experience] = []
     for k in range(n):
         live = k < len(ranked)
