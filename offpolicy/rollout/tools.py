@@ -177,11 +177,11 @@ def run_tool_calls(calls: Sequence[ToolCall], tools: Mapping[str, Tool], *,
 def _call(fn: Callable[..., Any], kwargs: dict, *, catch: type[BaseException]) -> tuple[bool, str]:
     try:
         value = fn(**kwargs)
+        text = value if isinstance(value, str) else json.dumps(value, default=str)  # may raise: tuple keys, cycles
     except ToolError as e:
         return False, _cut(str(e))
     except catch as e:  # the tool's fault, not the run's: the model is told
         return False, _cut(f"{type(e).__name__}: {e}")
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
     return True, _cut(text)
 
 

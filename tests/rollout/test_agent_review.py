@@ -45,3 +45,20 @@ def test_an_environment_that_raises_in_reset_isolates_its_episodes(capsys):
     assert all(len(e.response_ids) == 0 and e.prompt_ids.tolist() == tok("2*3=")["input_ids"] for e in b)
     assert engine.calls[0]["prompts"] == [tok("12*3=")["input_ids"]]  # the failed episodes are not sampled
     assert "the environment raised on task b in reset" in capsys.readouterr().err
+
+
+def _tuple_keyed(n: int) -> dict:
+    """A result JSON cannot hold.
+
+    Args:
+        n: How many entries.
+    """
+    return {(i, i): i for i in range(n)}
+
+
+def test_a_tool_result_json_cannot_hold_is_an_exception_result_not_a_raise():
+    from offpolicy.rollout.tools import Tool, ToolCall, run_tool_calls
+
+    tool = Tool.from_function(_tuple_keyed, in_process=True)
+    (res,) = run_tool_calls([ToolCall("_tuple_keyed", {"n": 2})], {"_tuple_keyed": tool}, timeout_s=None)
+    assert not res.ok and res.kind == "exception" and res.text.startswith("TypeError: keys must be str")
