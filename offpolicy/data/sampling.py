@@ -80,8 +80,10 @@ def keys(groups: Iterable[GroupMeta]) -> tuple[str, ...]:
 def fill(ordered: Sequence[GroupMeta], n: int) -> list[GroupMeta] | None:
     """Walk ``ordered`` and take each group that still fits until exactly ``n`` rows; None if short.
 
-    Raises ValueError when the groups hold ``n`` rows or more but no greedy choice sums to ``n`` (with
-    equal group sizes K: ``n`` is not a multiple of K), which waiting for more data would not fix.
+    Groups of unequal sizes (a sample whose reward faulted is split off into a group of its own) can defeat
+    the walk although some groups sum to ``n``: then the first such groups in ``ordered`` are taken, and
+    None (wait for more data) if there are none. Raises ValueError when groups of one size K hold ``n`` rows
+    or more (``n`` is not a multiple of K), which waiting for more data would not fix.
     """
     chosen, rows = [], 0
     if n == 0:
@@ -93,10 +95,31 @@ def fill(ordered: Sequence[GroupMeta], n: int) -> list[GroupMeta] | None:
         if rows == n:
             return chosen
     if sum(g.size for g in ordered) >= n:
+        exact = exact_subset(ordered, n)
+        if exact is not None:
+            return exact
         sizes = sorted({g.size for g in ordered})
-        raise ValueError(f"cannot take exactly n={n} rows from whole groups of sizes {sizes}; "
-                         "n must be a sum of group sizes (a multiple of the group size K)")
+        if len(sizes) == 1:
+            raise ValueError(f"cannot take exactly n={n} rows from whole groups of sizes {sizes}; "
+                             "n must be a sum of group sizes (a multiple of the group size K)")
     return None
+
+
+def exact_subset(ordered: Sequence[GroupMeta], n: int) -> list[GroupMeta] | None:
+    """The groups of ``ordered`` that sum to exactly ``n`` rows, preferring earlier ones (each group is taken
+    if the rest can still be made from the groups after it); None if no choice sums to ``n``."""
+    mask = (1 << (n + 1)) - 1
+    reach = [0] * len(ordered) + [1]  # reach[i]: bit s set if some groups of ordered[i:] sum to s rows
+    for i in range(len(ordered) - 1, -1, -1):
+        reach[i] = (reach[i + 1] | reach[i + 1] << ordered[i].size) & mask
+    if not reach[0] >> n & 1:
+        return None
+    chosen, left = [], n
+    for i, g in enumerate(ordered):
+        if left >= g.size and reach[i + 1] >> (left - g.size) & 1:
+            chosen.append(g)
+            left -= g.size
+    return chosen
 
 
 def nearest(ordered: Sequence[GroupMeta], target: int, limit: int) -> list[GroupMeta]:
@@ -246,8 +269,13 @@ class Mix(Strategy):
         live = [g for g in policy if g.version >= low]
         history = [g for g in live if g.use_count > 0 and g.version < now_version]
         fresh = sorted((g for g in live if g.use_count == 0), key=lambda g: -g.version)  # stable: old first
-        replay = nearest(self.rng.sample(history, len(history)), round(self.p * n), n)
-        rest = fill(fresh, n - sum(g.size for g in replay))
+        order, target = self.rng.sample(history, len(history)), round(self.p * n)
+        if len({g.size for g in live}) > 1:
+            target = min(target, sum(g.size for g in history))  # a short history: fresh groups fill the gap
+            replay, rest = _ragged_mix(order, fresh, n, target, max(g.size for g in live))
+        else:
+            replay = nearest(order, target, n)
+            rest = fill(fresh, n - sum(g.size for g in replay))
         if rest is None:
             return Selection(remove=expired)
         return Selection(take=keys(replay + rest), remove=expired, replayed=keys(replay))
@@ -283,6 +311,25 @@ class Mix(Strategy):
         super().load_state_dict(state)
         if state.get("reincarnated", state.get("p") == 0.0 and self.p != 0.0):
             self.reincarnate()
+
+
+def _ragged_mix(order: list[GroupMeta], fresh: list[GroupMeta], n: int, target: int,
+                largest: int) -> tuple[list[GroupMeta], list[GroupMeta] | None]:
+    """Mix's replay and fresh groups when groups differ in size (a sample whose reward faulted is a group of
+    its own): the replay share closest to ``target`` rows, less than a group away from it, that the fresh
+    groups complement to exactly ``n``; ``([], None)`` if there is none."""
+    for rows in sorted(range(max(0, target - largest + 1), min(n, target + largest - 1) + 1),
+                       key=lambda r: (abs(r - target), r)):
+        replay = exact_subset(order, rows)
+        if replay is None:
+            continue
+        try:
+            rest = fill(fresh, n - rows)
+        except ValueError:
+            continue
+        if rest is not None:
+            return replay, rest
+    return [], None
 
 
 class ExpertMix(Strategy):

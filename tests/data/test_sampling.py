@@ -172,3 +172,41 @@ def test_make_strategy_names_bad_parameters_and_names():
         register_strategy("fifo", SAMPLE_STRATEGIES["fifo"])
     with pytest.raises(ValueError, match="n must be positive"):
         make_strategy("fifo").select([G("a", 0)], 0, now_version=0)
+
+
+# ------------------------------------------------------------- groups of unequal sizes (inert samples)
+
+
+def test_fill_takes_the_first_groups_that_sum_to_n_when_sizes_differ():
+    """A sample whose reward faulted is a group of its own (size 1, its group K-1): the greedy walk over
+    sizes 3, 3, 4, 1 stops at 7 rows of 8, although 3 + 4 + 1 = 8; that is no reason to stop the run."""
+    groups = [G("a", 0, size=3), G("b", 3, size=3), G("c", 6, size=4), G("d", 10, size=1)]
+    assert make_strategy("fifo").select(groups, 8, now_version=0).take == ("a", "c", "d")
+    assert make_strategy("priority").select(groups, 8, now_version=0).take == ("a", "c", "d")
+    # no choice sums to n yet: wait (None), not the "n is not a multiple of K" error
+    assert make_strategy("fifo").select([G("a", 0, size=3), G("c", 3, size=5)], 4, now_version=0) == Selection()
+    with pytest.raises(ValueError, match="multiple of the group size"):  # one size: a setting error
+        make_strategy("fifo").select([G("a", 0, size=4), G("b", 4, size=4)], 6, now_version=0)
+
+
+def test_mix_with_inert_groups_in_the_history_replays_what_the_explorer_left_room_for():
+    """Sync ReMix: the explorer generates the batch less ``replay_groups`` groups; after reward faults the
+    history holds groups of K-1 and 1 rows, and the batch must still be exactly the replay plus the fresh part."""
+    import random
+
+    K, prompts = 4, 4
+    for seed in range(100):
+        rng, s = random.Random(seed), make_strategy("mix", p=0.5, window=2, seed=seed)
+        history = []
+        for t in range(prompts):
+            sizes = [K - 1, 1] if rng.random() < 0.3 else [K]
+            history += [G(f"h{t}-{j}", 10 * t + j, version=0, use=1, size=k) for j, k in enumerate(sizes)]
+        r = s.replay_groups(prompts, K, sum(g.size for g in history))
+        fresh = [G(f"f{t}", 100 + t, version=1, size=K) for t in range(prompts - r)]
+        sel = s.select(history + fresh, prompts * K, now_version=1)
+        sizes = {g.key: g.size for g in history + fresh}
+        assert sum(sizes[k] for k in sel.take) == prompts * K
+        assert sum(sizes[k] for k in sel.replayed) == r * K and set(sel.take) - set(sel.replayed) == {g.key for g in fresh}
+    # the first step: no history yet, and a fault split a fresh group: all fresh
+    fresh = [G("f0", 0, size=3), G("f0-bad", 3, size=1), G("f1", 4, size=4)]
+    assert make_strategy("mix", p=0.5).select(fresh, 8, now_version=0).take == ("f0", "f0-bad", "f1")
