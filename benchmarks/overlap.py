@@ -13,10 +13,8 @@ the table are copied to benchmarks/out/overlap/{dashboard.png, table.md}.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +31,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from offpolicy.pipeline.compare import run_compare
+    from benchmarks.rundirs import fresh_runs, publish
     from offpolicy.train.metrics import read_metrics
 
     top = Path(args.out)
-    out = top / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    out = fresh_runs(top)
     variants = {"sync": ["train.threads=2"],
                 "async": ["pipeline.mode=async", f"pipeline.sync_offset={args.offset}", "train.threads=1",
                           "pipeline.explorer_threads=1"]}
@@ -54,8 +53,7 @@ def main() -> None:
                      f"{med['step_s'] / (med['gen_s'] + med['train_s']):.2f} | {wall:.1f} |")
     timing = "\n".join(lines)
     md.write_text(md.read_text() + "\n" + timing + "\n")
-    shutil.copy(png, top / "dashboard.png")
-    shutil.copy(md, top / "table.md")
+    publish(top, png, md)
     print(md.read_text())
     print(f"dashboard: {top / 'dashboard.png'}; runs: {out}")
 

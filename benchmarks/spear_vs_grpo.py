@@ -6,7 +6,8 @@ Runs ``examples/calculator_agent.yaml`` with ``algorithm.preset=spear`` and ``al
 every seed (in sequence, through ``offpolicy compare``), then writes the dashboard PNG (held-out success vs
 steps / rollouts / seconds, entropy, tool calls per episode) and a Markdown table with, per preset, the
 held-out success before and after, the tool calls per episode over the first and last 10 steps, and the
-self-imitation replay counts.
+self-imitation replay counts. The runs go to ``<out>/runs/<time>/`` (a rerun starts afresh); the dashboard
+and the table are copied to ``<out>/``.
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
+    from benchmarks.rundirs import fresh_runs, publish
     from offpolicy.pipeline.compare import run_compare
     from offpolicy.train.metrics import read_metrics
 
-    png, md = run_compare(args.presets, args.seeds, args.out, config=str(ROOT / "examples" / "calculator_agent.yaml"),
+    out = fresh_runs(args.out)
+    png, md = run_compare(args.presets, args.seeds, out, config=str(ROOT / "examples" / "calculator_agent.yaml"),
                           overrides=args.overrides)
     lines = ["| preset | seeds | success before | success after | tool calls/episode, first 10 steps | last 10 steps "
              "| SIL replay passes | entropy, last 10 steps |", "|---|---|---|---|---|---|---|---|"]
     for preset in args.presets:
-        runs = [Path(args.out) / f"{preset}-s{s}" for s in args.seeds]
+        runs = [out / f"{preset}-s{s}" for s in args.seeds]
         ev = [read_metrics(r, "eval") for r in runs]
         tr = [read_metrics(r, "train") for r in runs]
         lines.append(
@@ -52,8 +55,9 @@ def main() -> None:
             f"{_mean([_mean([r['entropy'] for r in t[-10:]]) for t in tr]):.3f} |")
     summary = "\n".join(lines)
     md.write_text(md.read_text() + "\n" + summary + "\n")
+    publish(args.out, png, md)
     print(md.read_text())
-    print(f"dashboard: {png}")
+    print(f"dashboard: {Path(args.out) / png.name}; runs: {out}")
 
 
 if __name__ == "__main__":
