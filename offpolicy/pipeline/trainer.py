@@ -61,6 +61,13 @@ def batch_metrics(exps: list[Experience], trainer_version: int) -> dict:
     return out
 
 
+def _tool_calls_run(e: Experience) -> int:
+    """The episode's tool calls the environment ran: those parsed, less those it refused past
+    ``max_calls_per_turn`` (they get no result, so they are no tool interaction to reward)."""
+    episode = e.info.get("episode", {})
+    return episode.get("tool_calls", 0) - episode.get("tool_errors/too_many_calls", 0)
+
+
 class NumericalFaultError(RuntimeError):
     """More than ``train.max_skipped_steps`` consecutive steps had a non-finite loss or gradient."""
 
@@ -149,8 +156,8 @@ class TrainLoop:
         metrics = batch_metrics(exps, step - 1)  # of the task reward, before any shaping
         tool = ctx.algo.settings.get("tool_reward")
         if tool is not None:  # SPEAR's intrinsic tool-call reward, decaying over tool.horizon steps
-            bonus = [tool_call_reward(e.info.get("episode", {}).get("tool_calls", 0), step, tool.horizon,
-                                      coef=tool.coef, max_calls=tool.max_calls) for e in exps]
+            bonus = [tool_call_reward(_tool_calls_run(e), step, tool.horizon, coef=tool.coef, max_calls=tool.max_calls)
+                     for e in exps]
             exps = [replace(e, reward=e.reward + b) for e, b in zip(exps, bonus)]
             metrics.update(tool_reward_mean=sum(bonus) / len(bonus),
                            tool_reward_weight=tool_call_reward_weight(step, tool.horizon))
