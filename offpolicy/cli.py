@@ -238,17 +238,25 @@ def _cmd_train(args) -> int:
 
 
 def _eval_task_overrides(tasks: str | None) -> list[str]:
-    """``--tasks``: 'gsm8k' (the preset: its test split), 'arithmetic', or a task file / dataset folder."""
+    """``--tasks``: 'gsm8k' (the preset: its test split), 'arithmetic', or a task file / dataset folder. The
+    config's ``tasks`` keys that the new source does not read (a file's paths under ``--tasks arithmetic``,
+    ``levels`` under a file) go back to their defaults, since the config would otherwise be refused."""
     if tasks is None:
         return []
-    if tasks == "gsm8k":
-        return ["tasks.preset=gsm8k"]
-    if tasks == "arithmetic":
-        return ["tasks.name=arithmetic"]
+    import json
     from pathlib import Path
 
-    kind = "hf" if Path(tasks).is_dir() else "file"
-    return [f"tasks.name={kind}", f"tasks.train_path={tasks}", f"tasks.eval_path={tasks}"]
+    from offpolicy.config import TasksConfig, unread_task_keys
+
+    if tasks == "gsm8k":
+        kind, given = "file", ["tasks.preset=gsm8k"]
+    elif tasks == "arithmetic":
+        kind, given = "arithmetic", []
+    else:
+        kind = "hf" if Path(tasks).is_dir() else "file"
+        given = [f"tasks.train_path={tasks}", f"tasks.eval_path={tasks}"]
+    reset = [f"tasks.{k}={json.dumps(TasksConfig.model_fields[k].default)}" for k in unread_task_keys(kind)]
+    return [f"tasks.name={kind}", *reset, *given]
 
 
 def _cmd_eval(args) -> int:

