@@ -191,10 +191,22 @@ class DataParallel:
 
         for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
+        self._take_rank0_rng()
         stats = train_step(self.model, self.optimizer, batch, algo, plan, dp=self, **kw)
         if self.parallel == "fsdp2":
             self._gather_weights(full)
         return stats
+
+    def _take_rank0_rng(self) -> None:
+        """Every rank continues from rank 0's torch RNG state (and its CUDA device's): a step's random draws over
+        the whole batch (RED-Drop's dropped negatives) must be the same on every rank, as one process makes
+        them once; after a resume rank 0 holds the checkpoint's state and the others their seed's."""
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        cuda_state = torch.cuda.get_rng_state() if cuda else None
+        cpu_state, cuda_state = self.broadcast_state(torch.get_rng_state(), cuda_state)
+        torch.set_rng_state(cpu_state)
+        if cuda and cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
 
     def _gather_weights(self, full: torch.nn.Module | None) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
