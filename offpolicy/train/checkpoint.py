@@ -4,7 +4,7 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` holding:
 
 - ``model.safetensors``: the policy weights (shared tensors handled by safetensors), or under LoRA
   ``adapter.safetensors``: the adapter alone (the frozen base is reloaded from ``model.path`` on resume);
-- ``trainer.pt``: optimiser and LR-schedule state, the RNG states (python, torch, and named generator
+- ``trainer.pt``: optimiser and LR-schedule state, the RNG states (python, torch, CUDA, and named generator
   states such as the explorer's sampling generator, as the bytes given), loaded back with
   ``torch.load(weights_only=True)`` (no arbitrary pickle);
 - ``state.json``: step / policy version, the sample strategy's state, the explorer's progress (next
@@ -116,6 +116,9 @@ def _write(folder: Path, step: int, *, model, optimizer, scheduler, state: dict,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
+        # on a GPU the step's random draws (RED-Drop, Clip-Cov, dropout) come from the CUDA generators
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None,
         "generators": {k: bytes(g) for k, g in generators.items()},
     }, folder / "trainer.pt")
     (folder / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
@@ -143,6 +146,9 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
     _load_optimizer(optimizer, scheduler, blob["optimizer"], blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(_as_tuple(blob["python_rng"]))
+    cuda_rng = blob.get("cuda_rng")
+    if cuda_rng is not None and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_rng):
+        torch.cuda.set_rng_state_all(cuda_rng)
     # checkpoints written before generator states were bytes hold uint8 tensors
     saved = {k: v if isinstance(v, bytes) else bytes(v.numpy()) for k, v in blob["generators"].items()}
     for k, g in (generators or {}).items():
