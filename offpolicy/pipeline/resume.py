@@ -4,16 +4,21 @@ Restored: weights, optimiser, LR schedule, every RNG, the sample strategy, the e
 and sampling generator (its state saved as the bytes the explorer gives), the step / policy version and
 the evaluation before training. Rolled back:
 
-- buffer rows written after the checkpoint and not yet consumed are removed (fate ``dropped`` in the
-  buffer's ledger, so they stay accounted for): the groups whose ``batch_index`` the checkpoint's
-  explorer cursor had not reached; the explorer regenerates from the checkpoint's cursor;
+- buffer rows written after the checkpoint are removed, consumed or not: the groups whose ``batch_index``
+  the checkpoint's explorer cursor had not reached (fate ``dropped`` in the buffer's ledger, or ``used``
+  for those a dead step had consumed, so they stay accounted for); the explorer regenerates from the
+  checkpoint's cursor. A strategy that keeps consumed groups for replay (mix, priority) would otherwise
+  replay rows of the rolled-back future, and the regenerated batch's groups would collide with them;
 - ``metrics.jsonl`` records of steps after the checkpoint move to ``metrics.rolled_back.jsonl``
   (nothing written is deleted), so the metrics file reads as one run.
 
 Rows consumed after the checkpoint were handed to a training step whose update died with the process:
-they are ``used`` in the ledger (consumed once, never handed out again). In sync mode the batch is
+they are ``used`` in the ledger (consumed once, never handed out again, removed even where the strategy
+keeps consumed groups). In sync mode the batch is
 regenerated identically from the restored cursor (new rows, same content), so the resumed run's metrics
-equal an uninterrupted run's. In async mode the few batches the explorer had written ahead of the
+equal an uninterrupted run's with the fifo strategy. With a strategy that keeps consumed groups (mix,
+priority) they do not, after the checkpoint: what the dead steps' selections retired (mix: groups that left
+the replay window) or counted (priority: use counts) is not rolled back. In async mode the few batches the explorer had written ahead of the
 trainer are rolled back too and everything from the checkpoint's batch on is regenerated in order.
 """
 
@@ -30,14 +35,14 @@ from offpolicy.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 
 
 class RollBackBatches:
-    """A one-shot sample strategy: remove the never-consumed policy groups of batches with index
-    > ``last_batch``, i.e. the rows written after a checkpoint. Groups of unknown batch (-1) stay."""
+    """A one-shot sample strategy: remove the policy groups of batches with index > ``last_batch``, i.e. the
+    rows written after a checkpoint, consumed or not. Groups of unknown batch (-1) and expert groups stay."""
 
     def __init__(self, last_batch: int):
         self.last_batch = last_batch
 
     def select(self, groups: Sequence[GroupMeta], n: int, now_version: int) -> Selection:
-        late = [g.key for g in groups if g.use_count == 0 and not g.expert and g.batch_index > self.last_batch]
+        late = [g.key for g in groups if not g.expert and g.batch_index > self.last_batch]
         return Selection(remove=tuple(late))
 
     def state_dict(self) -> dict[str, Any]:

@@ -15,8 +15,6 @@ def _batch(b):
                        f"t{b}{t}", version=b, batch_index=b) for t in range(2) for _ in range(2)]
 
 
-@pytest.mark.xfail(strict=True, reason="RollBackBatches (pipeline/resume.py) keeps consumed groups of batches after "
-                   "the checkpoint; mix/priority keep used groups, so the regenerated batch's put collides")
 @pytest.mark.parametrize("name", ["mix", "priority"])
 def test_resume_after_consumed_batches_can_put_the_regenerated_batch(name):
     buf, s = MemoryBuffer(), make_strategy(name)
