@@ -310,10 +310,11 @@ def _train(ctx, explorer: _ExplorerProcess, buffer, strategy, loop: TrainLoop, s
                     try:
                         wait, publish_s = explorer.channel.publish(ctx.model, step, after_loaded=step - p.sync_interval,
                                                                    alive=explorer.proc.is_alive)
-                    except PeerGone as err:  # publish anyway, then a new explorer starts from these weights
+                    except PeerGone:  # publish anyway: the next wait for a batch notices the death and restarts
+                        # the explorer from these weights, or (no restart left) stops with a checkpoint of this
+                        # step, once its record is written (a restart here would stop without either)
                         explorer.channel.renew_lock(explorer.mpc)
                         wait, publish_s = explorer.channel.publish(ctx.model, step, after_loaded=None)
-                        _restart(ctx, explorer, buffer, step, ExplorerDied(str(err)))
                 return {"publish_s": publish_s, "publish_wait_s": wait}
 
             restarts = {"explorer_restarts": explorer.restarts} if explorer.restarts else {}
