@@ -121,10 +121,19 @@ class ExplorerDied(RuntimeError):
 
 def _next_report(ready, reports, proc, pending: dict) -> None:
     """Block until the explorer reports one more batch (into ``pending``). Raises ExplorerDied."""
+    import queue
+
     while not ready.acquire(timeout=1.0):
         if not proc.is_alive():
             raise ExplorerDied(f"the explorer process exited (code {proc.exitcode}) with batches still due")
-    rep = reports.get(timeout=60.0)
+    while True:  # the report may lag the semaphore (a feeder thread writes it), or die with a killed explorer
+        try:
+            rep = reports.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise ExplorerDied(f"the explorer process exited (code {proc.exitcode}) before its report reached "
+                                   "the trainer") from None
     if "error" in rep:
         raise ExplorerDied(f"the explorer process failed:\n{rep['error']}", fatal=rep.get("fatal", False))
     pending[rep["batch"]] = rep
