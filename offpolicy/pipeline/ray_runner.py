@@ -578,11 +578,13 @@ def _train(ctx, fleet: ExplorerFleet, buffer, strategy, loop: TrainLoop, *, firs
     cfg, p = ctx.cfg, ctx.cfg.pipeline
     last_needed = weights_version(cfg.train.steps - 1, sync_offset=p.sync_offset, sync_interval=p.sync_interval)
 
-    def save(step: int, eval_after: dict | None = None) -> None:
-        cursors = [_encode_cursor(c) for c in fleet.cursor]
-        checkpoint_run(ctx, step, explorer_state=fleet.cursor[0], strategy=strategy,
-                       trainer_state={**loop.state_dict(), "explorers": cursors}, next_batch=step * fleet.n,
-                       eval_after=eval_after)
+    def save(step: int, eval_after: dict | None = None, cursor: list | None = None) -> None:
+        """``cursor``: the explorers' cursors after batch ``step - 1`` (default: the fleet's, after the last
+        batch whose reports are in)."""
+        cursor = fleet.cursor if cursor is None else cursor
+        checkpoint_run(ctx, step, explorer_state=cursor[0], strategy=strategy,
+                       trainer_state={**loop.state_dict(), "explorers": [_encode_cursor(c) for c in cursor]},
+                       next_batch=step * fleet.n, eval_after=eval_after)
 
     with StopRequest() as stop:
         t0 = time.perf_counter()
@@ -590,6 +592,7 @@ def _train(ctx, fleet: ExplorerFleet, buffer, strategy, loop: TrainLoop, *, firs
             e = step - 1
             t_wait = time.perf_counter()
             give_up = (lambda: save(e)) if step > first + 1 else (lambda: None)
+            before = list(fleet.cursor)  # after batch e - 1: what a checkpoint of step e holds
             reports = fleet.reports(e, on_give_up=give_up)
             exps = buffer.sample(loop.rows, _InBatch(e, fleet.n, strategy), now_version=e)
             if not exps:
@@ -610,7 +613,7 @@ def _train(ctx, fleet: ExplorerFleet, buffer, strategy, loop: TrainLoop, *, firs
                           after_train=publish)
             except TrainerDied as err:
                 if err.intact and step > first + 1:
-                    save(step - 1)
+                    save(step - 1, cursor=before)
                 raise
             t0 = time.perf_counter()
         result = loop.finish()
