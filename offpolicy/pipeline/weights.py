@@ -12,6 +12,7 @@ tensor under both names, copied once.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -88,14 +89,15 @@ class WeightChannel:
                 raise TimeoutError("the weight channel's lock was not released in time")
 
     def publish(self, model: torch.nn.Module, version: int, *, after_loaded: int | None,
-                timeout: float = 600.0, alive=None) -> tuple[float, float]:
+                timeout: float | None = None, alive=None) -> tuple[float, float]:
         """Copy ``model``'s weights into the slot as ``version`` once the explorer has loaded
         ``after_loaded`` (None: do not wait). Returns (seconds waited, seconds copying).
 
         ``alive``: a callable telling whether the explorer still lives, checked while waiting: PeerGone
-        instead of waiting forever for a dead process."""
+        instead of waiting forever for a dead process. ``timeout``: None (default) waits as long as it lives (a
+        batch may take longer than any fixed limit); seconds: TimeoutError after them."""
         t0 = time.perf_counter()
-        deadline = t0 + timeout
+        deadline = math.inf if timeout is None else t0 + timeout
         if after_loaded is not None:
             _poll(lambda: self._loaded.value >= after_loaded, deadline=deadline, alive=alive,
                   what=f"the explorer to load weight version {after_loaded}")
@@ -115,13 +117,16 @@ class WeightChannel:
         """Treat ``version`` as loaded (after a resume the explorer may skip straight to a newer one)."""
         self._loaded.value = max(self._loaded.value, version)
 
-    def load(self, model: torch.nn.Module, version: int, *, timeout: float = 600.0, alive=None) -> tuple[float, float]:
+    def load(self, model: torch.nn.Module, version: int, *, timeout: float | None = None,
+             alive=None) -> tuple[float, float]:
         """Wait for ``version`` in the slot and copy it into ``model``. Returns (seconds waited, copying).
 
-        ``alive``: a callable checked while waiting, so a dead trainer ends the wait with an error.
+        ``alive``: a callable checked while waiting, so a dead trainer ends the wait with an error; ``timeout``
+        as in :meth:`publish` (None: as long as the trainer lives, which may train, evaluate and checkpoint for
+        longer than any fixed limit).
         """
         t0 = time.perf_counter()
-        deadline = t0 + timeout
+        deadline = math.inf if timeout is None else t0 + timeout
         try:
             _poll(lambda: self._published.value >= version, deadline=deadline, alive=alive,
                   what=f"weight version {version} to be published")
