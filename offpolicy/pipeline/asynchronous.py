@@ -47,7 +47,7 @@ def _explorer_main(cfg_json: str, channel: WeightChannel, setup, ready, reports,
     from offpolicy.rollout.model import policy_from_config
 
     explorer = None
-    alive = lambda: not stop.is_set() and _pid_alive(parent_pid)  # noqa: E731
+    alive = lambda: not stop.is_set() and _parent_alive(parent_pid)  # noqa: E731
     try:
         cfg = Config.model_validate_json(cfg_json)
         from offpolicy.threads import thread_split
@@ -108,6 +108,14 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _parent_alive(parent_pid: int) -> bool:
+    """Whether this process's parent (the trainer) still lives: when it dies this process is re-parented. Not
+    ``kill(parent_pid, 0)``, which a dead trainer nobody has reaped yet (a zombie) still answers."""
+    import os
+
+    return os.getppid() == parent_pid and _pid_alive(parent_pid)
 
 
 class ExplorerDied(RuntimeError):
