@@ -125,6 +125,10 @@ class HFEngine:
     where the model's cache cannot do it. Same numerics and random stream in every mode: the prompt forward
     is identical and the decode forwards equal to float rounding (the static cache's masked slots add
     nothing to the attention).
+
+    A response ends at ``eos_id`` and at every other end-of-sequence id the model declares
+    (``generation_config.eos_token_id``: a list for e.g. Llama 3.1 Instruct), as transformers' ``generate``
+    and vLLM end it; ``finished`` says one of them came.
     """
 
     def __init__(self, model, *, pad_id: int, eos_id: int, kv_cache: str = "dynamic", compile_decode: bool = False):
@@ -135,6 +139,7 @@ class HFEngine:
         self.model = model
         self.pad_id = pad_id
         self.eos_id = eos_id
+        self.eos_ids = [eos_id, *(e for e in _declared_eos(model) if e != eos_id)]
         self.kv_cache = kv_cache
         self.compile_decode = compile_decode
         self._cache_kw = _cache_keyword(model)
@@ -245,7 +250,8 @@ class HFEngine:
         forwarded = 0  # response tokens that went through the model (the cache holds them)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         eos = torch.zeros(B, dtype=torch.bool, device=device)
-        stops = torch.tensor([self.eos_id, *stop_ids], device=device)
+        eos_ids = torch.tensor(self.eos_ids, device=device)
+        stops = torch.tensor([*self.eos_ids, *stop_ids], device=device)
         alive_steps = torch.zeros(B, dtype=torch.long, device=device)
         pad = torch.full((B,), self.pad_id, dtype=torch.long, device=device)
         # "all rows done?" is a device-to-host copy: free on CPU, a sync on an accelerator (checked every 8 tokens)
@@ -273,7 +279,7 @@ class HFEngine:
             tok = torch.where(done, pad, tok)
             tokens.append(tok)
             alive_steps += (~done).long()
-            eos |= ~done & (tok == self.eos_id)
+            eos |= ~done & torch.isin(tok, eos_ids)
             done = done | torch.isin(tok, stops)
             if t == max_new_tokens - 1 or (t % every == every - 1 and bool(done.all())):
                 break
@@ -369,6 +375,14 @@ class _LiveRows:
         out = logits_RV.new_zeros((self.B, logits_RV.shape[-1]))
         out[self.rows] = logits_RV
         return out
+
+
+def _declared_eos(model) -> list[int]:
+    """The end-of-sequence ids of ``model``'s generation config (none where it has none)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
 def _eager():
