@@ -16,6 +16,7 @@ last periodic checkpoint (``checkpoint.every``) with the same command and ``--re
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch.distributed as dist
@@ -79,6 +80,7 @@ class TorchrunGroup:
         bind_local_device(cfg.model.device)
         self.cfg = cfg
         self.dp = join_from_env(parallel=cfg.train.parallel, backend=backend_for(cfg.model.device))
+        self.messages = _message_group()
         self.started = False
 
     def train_step(self, model, optimizer, batch, algo, plan, **kw) -> dict:
@@ -90,7 +92,7 @@ class TorchrunGroup:
             state = ({k: v.detach().cpu() for k, v in trainable_state(model).items()}, optimizer.state_dict())
         lrs = [g["lr"] for g in optimizer.param_groups]
         batch, kw = with_rank0_logprobs(batch, plan, **kw)
-        _send({"batch": batch, "algo": algo, "plan": plan, "kw": kw, "lrs": lrs, "state": state})
+        _send({"batch": batch, "algo": algo, "plan": plan, "kw": kw, "lrs": lrs, "state": state}, self.messages)
         if not self.started:
             self._start(model, optimizer)
         return self.dp.train(batch, algo, plan, lrs=lrs, full=model, **kw)
@@ -105,18 +107,30 @@ class TorchrunGroup:
         self.started = True
 
     def _optimizer_state(self, full) -> dict:
-        _send("optimizer_state")
+        _send("optimizer_state", self.messages)
         return self.dp.optimizer_state(full)
 
     def close(self) -> None:
         try:
-            _send(None)  # the run is over
+            _send(None, self.messages)  # the run is over
         finally:
             self.dp.close()
 
 
-def _send(message) -> None:
-    dist.broadcast_object_list([message], src=0)
+# How long ranks 1..W-1 wait for rank 0's next message: rank 0 generates, evaluates and checkpoints alone between
+# steps, for longer than the collective timeout of the training group at times. A rank that dies still ends
+# the wait at once (gloo sees the connection close; torchrun stops the other ranks).
+MESSAGE_TIMEOUT = datetime.timedelta(days=1)
+
+
+def _message_group():
+    """The group rank 0's messages travel in (every rank calls it once, right after joining): gloo, the objects
+    are on the CPU, with :data:`MESSAGE_TIMEOUT` instead of the training group's timeout."""
+    return dist.new_group(backend="gloo", timeout=MESSAGE_TIMEOUT)
+
+
+def _send(message, group) -> None:
+    dist.broadcast_object_list([message], src=0, group=group)
 
 
 def serve(cfg: Config) -> int:
@@ -129,10 +143,11 @@ def serve(cfg: Config) -> int:
     bind_local_device(cfg.model.device)
     worker = TrainerWorker(cfg.model_dump_json(), cfg.train.threads or 1)
     worker.dp = join_from_env(parallel=cfg.train.parallel, backend=backend_for(cfg.model.device))
+    messages = _message_group()
     try:
         while True:
             box = [None]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=messages)
             msg = box[0]
             if msg is None:
                 return 0
