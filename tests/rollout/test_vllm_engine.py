@@ -146,6 +146,25 @@ def test_stop_ids_end_a_response_like_the_hf_engine(bundled):
     assert not any(f for r, f in zip(b.response_ids, b.finished) if r[-1].item() in stop)  # paused, not finished
 
 
+def test_every_declared_eos_ends_and_finishes_a_response_like_the_hf_engine(bundled):
+    """A model whose generation config declares a second EOS (Llama 3.1 Instruct's <|eot_id|>, Qwen2.5's
+    <|endoftext|>): both engines end a response there and call it finished."""
+    model, tok, engine, prompts = bundled
+    second = tok.convert_tokens_to_ids("7")
+    declared = copy.deepcopy(model)
+    declared.generation_config.eos_token_id = [tok.eos_token_id, second]
+    hf = HFEngine(declared, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+    kept = engine.eos_ids
+    engine.eos_ids = [tok.eos_token_id, second]  # what VLLMEngine.__init__ reads from such a model
+    try:
+        b = engine.generate(prompts, max_new_tokens=5, greedy=True)
+    finally:
+        engine.eos_ids = kept
+    a = hf.generate(prompts, max_new_tokens=5, greedy=True)
+    assert _same(a, b) and a.finished == b.finished
+    assert any(r[-1].item() == second and f for r, f in zip(b.response_ids, b.finished))
+
+
 def test_same_seed_same_samples_other_seed_other_samples(bundled):
     _, _, engine, prompts = bundled
     run = lambda seed: engine.generate(prompts[:8], n=8, max_new_tokens=5,  # noqa: E731
