@@ -307,7 +307,7 @@ def _train(ctx, explorer: _ExplorerProcess, buffer, strategy, loop: TrainLoop, s
 
     def save(step: int, eval_after: dict | None = None) -> None:
         checkpoint_run(ctx, step, explorer_state=cursor[step - 1], strategy=strategy,
-                       trainer_state=loop.state_dict(), next_batch=step, eval_after=eval_after)
+                       trainer_state=loop.state_dict(), next_batch=step, eval_after=eval_after, frozen=loop.frozen_models())
 
     with StopRequest() as stop:
         t0 = time.perf_counter()

@@ -584,7 +584,7 @@ def _train(ctx, fleet: ExplorerFleet, buffer, strategy, loop: TrainLoop, *, firs
         cursor = fleet.cursor if cursor is None else cursor
         checkpoint_run(ctx, step, explorer_state=cursor[0], strategy=strategy,
                        trainer_state={**loop.state_dict(), "explorers": [_encode_cursor(c) for c in cursor]},
-                       next_batch=step * fleet.n, eval_after=eval_after)
+                       next_batch=step * fleet.n, eval_after=eval_after, frozen=loop.frozen_models())
 
     with StopRequest() as stop:
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Resume: restore a run from its newest checkpoint, and roll back what happened after it.
 
-Restored: weights, optimiser, LR schedule, every RNG, the sample strategy, the explorer's task cursor
+Restored: weights (and KL-Convex's pi_{k-1}), optimiser, LR schedule, every RNG, the sample strategy, the explorer's task cursor
 and sampling generator (its state saved as the bytes the explorer gives), the step / policy version and
 the evaluation before training. Rolled back:
 
@@ -82,11 +82,12 @@ def roll_back_metrics(run_dir: Path, step: int, *, eval_at_step: bool = True) ->
 
 
 def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, trainer_state: dict,
-                   next_batch: int | None = None, eval_after: dict | None = None) -> Path:
+                   next_batch: int | None = None, eval_after: dict | None = None, frozen: dict | None = None) -> Path:
     """Save the whole run state after ``step`` (see :mod:`offpolicy.train.checkpoint`).
 
     ``trainer_state``: ``TrainLoop.state_dict()`` (the evaluation before training, the last held-out
-    accuracy, SPEAR's self-imitation buffer when there is one).
+    accuracy, SPEAR's self-imitation buffer when there is one); ``frozen``: ``TrainLoop.frozen_models()``
+    (KL-Convex's pi_{k-1}), saved whole beside the policy.
 
     ``explorer_state``: the explorer's cursor before batch ``next_batch`` (default: ``step``), as
     ``Explorer.state_dict()`` gives it (its ``generator`` state is bytes and is saved as they are).
@@ -96,7 +97,7 @@ def checkpoint_run(ctx, step: int, *, explorer_state: dict, strategy, trainer_st
              "strategy": strategy.state_dict(), **trainer_state, "eval_after": eval_after}
     return save_checkpoint(ctx.run_dir, step, model=ctx.model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                            state=state, generators={"explorer": explorer_state["generator"]},
-                           keep=ctx.cfg.checkpoint.keep)
+                           keep=ctx.cfg.checkpoint.keep, frozen=frozen)
 
 
 def restore_run(ctx, *, strategy, buffer) -> dict:

@@ -41,7 +41,7 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
 
     def save(step: int, explorer_state: dict | None = None, eval_after: dict | None = None) -> None:
         checkpoint_run(ctx, step, explorer_state=explorer_state or explorer.state_dict(), strategy=strategy,
-                       trainer_state=loop.state_dict(), eval_after=eval_after)
+                       trainer_state=loop.state_dict(), eval_after=eval_after, frozen=loop.frozen_models())
 
     try:
         with StopRequest() as stop:

@@ -23,6 +23,7 @@ from offpolicy.rewards.guard import FirstFaults, GuardedReward, RewardFaultError
 from offpolicy.rollout.model import save_policy
 from offpolicy.rollout.engine import make_engine
 from offpolicy.rollout.workflow import build_workflow, rows_per_step
+from offpolicy.train.checkpoint import load_frozen
 from offpolicy.train.evaluate import evaluate_workflow
 from offpolicy.train.metrics import MetricsWriter, episode_metrics
 from offpolicy.train.step import train_step
@@ -111,6 +112,11 @@ class TrainLoop:
             import copy
 
             self.prev_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+            if resumed and not load_frozen(resumed["path"], "prev_policy", self.prev_model):
+                import warnings
+
+                warnings.warn(f"{resumed['path']} holds no pi_(k-1) (written before checkpoints kept it): KL-Convex "
+                              "resumes with pi_(k-1) = the restored policy", stacklevel=2)
         self.ref_cache = None  # reference log-probs of responses seen again (pairs over epochs), computed once
         if ctx.plan.ref_logp != "unused":
             from offpolicy.pipeline.ref_cache import RefCache
@@ -177,6 +183,10 @@ class TrainLoop:
             self.prev_model.load_state_dict(start)
         return {"kind": "train", "step": step, "version": step - 1, **metrics, **stats,
                 "train_s": time.perf_counter() - t0}
+
+    def frozen_models(self) -> dict:
+        """The models a checkpoint saves beside the policy: KL-Convex's pi_{k-1} (``prev_policy``), if kept."""
+        return {} if self.prev_model is None else {"prev_policy": self.prev_model}
 
     def state_dict(self) -> dict:
         """The trainer-side state a checkpoint needs beyond weights and optimiser."""

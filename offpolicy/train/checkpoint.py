@@ -7,6 +7,8 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step-<N>/`` holding:
 - ``trainer.pt``: optimiser and LR-schedule state, the RNG states (python, torch, CUDA, and named generator
   states such as the explorer's sampling generator, as the bytes given), loaded back with
   ``torch.load(weights_only=True)`` (no arbitrary pickle);
+- ``<name>.safetensors``: frozen models the run keeps beside the policy and cannot rebuild, by name (KL-Convex's
+  pi_{k-1}: ``prev_policy``), whole (under LoRA too), read back with :func:`load_frozen`;
 - ``state.json``: step / policy version, the sample strategy's state, the explorer's progress (next
   batch index, tasks consumed), the evaluation before training, and the config it was written under.
 
@@ -50,10 +52,11 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, scheduler, state: dict,
-                    generators: dict[str, bytes], keep: int = 2) -> Path:
+                    generators: dict[str, bytes], keep: int = 2, frozen: dict | None = None) -> Path:
     """Write the checkpoint of ``step`` atomically (temp folder + rename) and prune to the newest ``keep``.
 
     ``generators``: named generator states as bytes (``bytes(g.get_state().numpy())``), stored as given.
+    ``frozen``: name -> a model saved whole beside the policy (see :func:`load_frozen`).
     A write that fails (``OSError``: no space, read-only, quota) removes the temporary folder, leaves every
     earlier checkpoint as it was, and raises :class:`CheckpointError`.
     """
@@ -66,7 +69,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model, optimizer, schedul
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
         _write(tmp, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state,
-               generators=generators)
+               generators=generators, frozen=frozen or {})
         if final.exists():  # a re-save of the same step (resumed a finished run): swap, then drop the old one
             old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
             os.replace(final, old)
@@ -100,7 +103,8 @@ def _kept(run_dir) -> str:
     return f"the last good checkpoint {last} is intact" if last else "no earlier checkpoint exists"
 
 
-def _write(folder: Path, step: int, *, model, optimizer, scheduler, state: dict, generators: dict) -> None:
+def _write(folder: Path, step: int, *, model, optimizer, scheduler, state: dict, generators: dict,
+           frozen: dict) -> None:
     """The checkpoint's files; ``state.json`` last, as it marks the folder complete."""
     from safetensors.torch import save_file, save_model
 
@@ -111,6 +115,8 @@ def _write(folder: Path, step: int, *, model, optimizer, scheduler, state: dict,
                   str(folder / "adapter.safetensors"))
     else:
         save_model(model, str(folder / "model.safetensors"))
+    for name, other in frozen.items():
+        save_model(other, str(folder / f"{name}.safetensors"))
     torch.save({
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -154,6 +160,18 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
     for k, g in (generators or {}).items():
         g.set_state(torch.frombuffer(bytearray(saved[k]), dtype=torch.uint8))
     return {**json.loads((path / "state.json").read_text()), "generators": saved}
+
+
+def load_frozen(path: str | Path, name: str, model) -> bool:
+    """Load the frozen model ``name`` of the checkpoint at ``path`` into ``model``; False where the checkpoint
+    holds none (written before it kept one)."""
+    from safetensors.torch import load_model
+
+    file = Path(path) / f"{name}.safetensors"
+    if not file.is_file():
+        return False
+    load_model(model, str(file), device=str(_device(model)))
+    return True
 
 
 def _load_optimizer(optimizer, scheduler, saved_optimizer: dict, saved_scheduler: dict | None) -> None:

@@ -1,7 +1,6 @@
-"""KL-Convex (ReMix) reads pi_{k-1}, a frozen copy of the policy one step behind it (TrainLoop.prev_model). A
-checkpoint does not hold it: a resumed run starts with pi_{k-1} := pi_k, so its first step's KL term, and
-everything after, differ from the uninterrupted run's. The fix needs the checkpoint to carry those weights
-(offpolicy/pipeline/resume.py's checkpoint_run -> save_checkpoint), then TrainLoop to load them back."""
+"""KL-Convex (ReMix) reads pi_{k-1}, a frozen copy of the policy one step behind it (TrainLoop.prev_model). The
+checkpoint holds it (prev_policy.safetensors): before it did, a resumed run started with pi_{k-1} := pi_k, so its
+first step's KL term, and everything after, differed from the uninterrupted run's."""
 
 import shutil
 
@@ -17,7 +16,6 @@ ARGS = ["algorithm.preset=remix", "algorithm.kl_convex.start=0", "algorithm.kl_c
         "checkpoint.keep=5", "run.progress=false", "run.loggers=[]", "run.save_final=false", "train.threads=1"]
 
 
-@pytest.mark.xfail(strict=True, reason="pi_{k-1} is not checkpointed (fix belongs in pipeline/resume.py)")
 def test_resume_with_kl_convex_matches_an_uninterrupted_run(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     run_sync(load_config(None, [*ARGS, f"run.dir={a}"]), log=lambda *x: None)
@@ -27,3 +25,14 @@ def test_resume_with_kl_convex_matches_an_uninterrupted_run(tmp_path):
     ra, rb = read_metrics(a, "train"), read_metrics(b, "train")
     assert [r["step"] for r in rb] == [1, 2, 3, 4, 5]
     assert [r["kl_prev"] for r in rb] == [r["kl_prev"] for r in ra]
+
+
+def test_a_checkpoint_without_pi_k_minus_1_resumes_with_a_warning(tmp_path):
+    """Checkpoints written before they kept pi_{k-1}: the resume says what it falls back to, and runs."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_sync(load_config(None, [*ARGS, "train.steps=3", f"run.dir={a}"]), log=lambda *x: None)
+    shutil.copytree(a, b)
+    (b / "checkpoints" / "step-00000003" / "prev_policy.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"holds no pi_\(k-1\)"):
+        run_sync(load_config(None, [*ARGS, f"run.dir={b}"]), run_dir=b, resume=True, log=lambda *x: None)
+    assert [r["step"] for r in read_metrics(b, "train")] == [1, 2, 3, 4, 5]
