@@ -45,5 +45,9 @@ def low_var_kl(logp_BT: Tensor, ref_logp_BT: Tensor) -> Tensor:
 def entropy_from_logits(logits_BTV: Tensor) -> Tensor:
     """Entropy of the softmax over the last axis: ``logsumexp(z) - sum softmax(z) * z``, (B, T)."""
     p_BTV = torch.softmax(logits_BTV, dim=-1)
-    p_logits_BTV = torch.where(p_BTV > 0, p_BTV * logits_BTV, torch.zeros_like(p_BTV))  # -inf logits: 0, not nan
+    live_BTV = p_BTV > 0
+    # -inf logits: 0, not nan, in the value and in the gradient (the backward of p * (-inf) is nan even
+    # where the outer ``where`` drops it), so the -inf is replaced before the product
+    safe_BTV = torch.where(live_BTV, logits_BTV, torch.zeros_like(logits_BTV))
+    p_logits_BTV = torch.where(live_BTV, p_BTV * safe_BTV, torch.zeros_like(p_BTV))
     return torch.logsumexp(logits_BTV, dim=-1) - p_logits_BTV.sum(-1)
