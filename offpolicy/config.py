@@ -228,7 +228,7 @@ class PipelineConfig(_Section):
     sync_offset: int = Field(0, ge=0, description="The explorer runs n batches ahead: batch e is generated with weights of version e - n (rounded down to a multiple of sync_interval).")
     max_staleness: int | None = Field(None, ge=0, description="async / ray: bound on trainer version - generating version; None = sync_offset + sync_interval - 1 (the least that the schedule needs).")
     explorer_restarts: int = Field(3, ge=0, description="async / ray: an explorer process (actor) that dies is restarted this many times in a run (its unreported batches are rolled back and regenerated); one more death stops the run with a checkpoint.")
-    explorer_threads: int | None = Field(None, ge=1, description="torch threads of the explorer process (async; None = half the CPUs this process may use, at least 1, so explorer + trainer never exceed them) or of each explorer actor (ray; None = 1).")
+    explorer_threads: int | None = Field(None, ge=1, description="torch threads of the explorer process (async; None = half the CPUs this process may use, at least 1, so explorer + trainer never exceed them) or of each explorer actor (ray; None = 1); refused in sync mode, whose one process generates with train.threads.")
     explorers: int = Field(1, ge=1, description="ray: explorer actors; each generates a share of every batch (prompts split evenly), with the weights the staleness schedule names for that batch (sync_offset, sync_interval), so N changes who generates, not the schedule.")
     explorer_cpus: float = Field(0.5, gt=0, description="ray: CPUs Ray reserves for each explorer actor (and each trainer worker); fractional so that several fit on a small machine.")
     explorer_gpus: float = Field(0.0, ge=0, description="ray: GPUs Ray reserves for each explorer actor (e.g. 1 for an engine on its own GPU).")
@@ -442,7 +442,7 @@ class Config(_Section):
         if p.mode == "sync" and (p.sync_offset or p.sync_interval > 1):
             raise ValueError("pipeline.sync_offset / pipeline.sync_interval need pipeline.mode=async")
         if p.mode == "sync":
-            sync_unread = [k for k in ("max_staleness", "explorer_restarts")
+            sync_unread = [k for k in ("max_staleness", "explorer_restarts", "explorer_threads")
                            if getattr(p, k) != PipelineConfig.model_fields[k].default]
             if sync_unread:
                 raise ValueError(f"pipeline.{sync_unread[0]} is read only by pipeline.mode=async / ray (sync mode "

@@ -35,6 +35,7 @@ MULTI = ["workflow.name=multi_turn", "workflow.env=calculator"]
     (["run.project=mine", "run.loggers=[]"], "run.project='mine' is read only by the trackers"),
     (["pipeline.max_staleness=3"], "pipeline.max_staleness is read only by pipeline.mode=async / ray"),
     (["pipeline.explorer_restarts=1"], "pipeline.explorer_restarts is read only by pipeline.mode=async / ray"),
+    (["pipeline.explorer_threads=1"], "pipeline.explorer_threads is read only by pipeline.mode=async / ray"),
     (["tasks.train_path=t.jsonl"], "tasks.train_path is not read by tasks.name=arithmetic"),
     (["tasks.max_row_bytes=10"], "tasks.max_row_bytes is not read by tasks.name=arithmetic"),
     (["tasks.name=calculator", "tasks.eval_path=t.jsonl"], "tasks.eval_path is not read by tasks.name=calculator"),
@@ -71,7 +72,7 @@ def test_unread_algorithm_key_is_refused_before_any_model(overrides, message):
     ["train.lr_schedule=cosine", "train.min_lr_ratio=0.5"],
     ["run.project=mine", "run.loggers=[wandb]"],
     ["pipeline.mode=async", "pipeline.max_staleness=3", "pipeline.explorer_restarts=1"],
-    ["pipeline.explorer_threads=1"],  # read in async / ray; shared test settings set it in sync mode too
+    ["pipeline.mode=async", "pipeline.explorer_threads=1"],
     ["tasks.few_shot=shots.jsonl", "tasks.prompt_key=q"],  # generated tasks, worked examples from a file
     ["tasks.name=hf", "tasks.train_path=ds", "tasks.split=test", "tasks.subset=main", "tasks.max_row_bytes=10"],
     ["tasks.name=file", "tasks.train_path=t.jsonl", "tasks.max_row_bytes=10", "tasks.eval_path=e.jsonl"],

@@ -142,8 +142,7 @@ def test_a_writer_waits_for_the_lock_at_most_timeout_seconds(pg_url):
 
 
 TINY = ["train.steps=2", "eval.every=0", "tasks.eval_size=8", "rollout.prompts_per_step=4", "rollout.group_size=4",
-        "run.progress=false", "run.loggers=[]", "run.save_final=false", "train.threads=1",
-        "pipeline.explorer_threads=1"]
+        "run.progress=false", "run.loggers=[]", "run.save_final=false", "train.threads=1"]
 ROWS = 2 * 4 * 4  # steps * prompts_per_step * group_size
 
 
@@ -154,7 +153,8 @@ def test_training_run_with_the_buffer_on_postgresql(tmp_path, pg_url, mode):
     from offpolicy.pipeline.context import open_run_buffer
 
     run_dir = tmp_path / "run"
-    cfg = load_config(None, [*TINY, f"pipeline.mode={mode}", "buffer.kind=sql", f"buffer.url={pg_url}",
+    threads = [] if mode == "sync" else ["pipeline.explorer_threads=1"]
+    cfg = load_config(None, [*TINY, f"pipeline.mode={mode}", *threads, "buffer.kind=sql", f"buffer.url={pg_url}",
                              f"run.dir={run_dir}"])
     run(cfg, log=lambda *a: None)
     assert not (run_dir / "buffer.db").exists()

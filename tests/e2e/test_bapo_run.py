@@ -9,7 +9,7 @@ from offpolicy.train.metrics import read_metrics
 
 SMALL = ["algorithm.preset=bapo", "train.steps=3", "eval.every=0", "tasks.eval_size=8",
          "rollout.prompts_per_step=4", "rollout.group_size=4", "run.progress=false", "run.loggers=[]",
-         "run.save_final=false", "train.threads=1", "pipeline.explorer_threads=1"]
+         "run.save_final=false", "train.threads=1"]
 
 
 def _rows(tmp_path, *extra):
@@ -18,7 +18,7 @@ def _rows(tmp_path, *extra):
 
 
 @pytest.mark.parametrize("setting", [["train.updates_per_batch=2"],
-                                     ["pipeline.mode=async", "pipeline.sync_offset=1"]],
+                                     ["pipeline.mode=async", "pipeline.explorer_threads=1", "pipeline.sync_offset=1"]],
                          ids=["reuse", "async"])
 def test_bounds_and_positive_fraction_are_logged_every_step(tmp_path, setting):
     rows = _rows(tmp_path, *setting)

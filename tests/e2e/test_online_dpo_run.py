@@ -8,13 +8,13 @@ from offpolicy.cli import main
 from offpolicy.train.metrics import read_metrics
 
 SMALL = ["train.steps=6", "rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=32",
-         "eval.every=0", "run.loggers=[]", "run.save_final=false", "train.threads=1", "pipeline.explorer_threads=1",
+         "eval.every=0", "run.loggers=[]", "run.save_final=false", "train.threads=1",
          "run.progress=false"]
 
 
 @pytest.mark.parametrize("mode, pairing", [("sync", "best_vs_worst"), ("async", "all_pairs")])
 def test_online_dpo_trains_on_sampled_pairs(tmp_path, mode, pairing):
-    extra = ["pipeline.mode=async", "pipeline.sync_offset=1"] if mode == "async" else []
+    extra = ["pipeline.mode=async", "pipeline.explorer_threads=1", "pipeline.sync_offset=1"] if mode == "async" else []
     assert main(["train", "algorithm.preset=online_dpo", f"workflow.pairing={pairing}", f"run.dir={tmp_path}",
                  *SMALL, *extra]) == 0
     rows = read_metrics(tmp_path, "train")

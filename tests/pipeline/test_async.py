@@ -12,7 +12,8 @@ from offpolicy.pipeline.explorer import weights_version
 from offpolicy.train.metrics import read_metrics
 
 SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=32", "eval.every=10",
-         "run.progress=false", "run.loggers=[]", "train.threads=1", "pipeline.explorer_threads=1"]
+         "run.progress=false", "run.loggers=[]", "train.threads=1"]
+ASYNC = ["pipeline.mode=async", "pipeline.explorer_threads=1"]  # explorer threads: read in async mode only
 TIMING = ("_s", "per_s")
 
 
@@ -28,7 +29,7 @@ def _comparable(rows):
 
 def test_async_at_staleness_zero_equals_sync(tmp_path):
     a = _run(tmp_path, "sync", "train.steps=20")
-    b = _run(tmp_path, "async", "train.steps=20", "pipeline.mode=async")
+    b = _run(tmp_path, "async", "train.steps=20", *ASYNC)
     ra, rb = read_metrics(a), read_metrics(b)
     assert len(ra) == len(rb) == 20 + 3  # 20 train records; evaluations at steps 0, 10 and 20 (the last)
     assert _comparable(ra) == _comparable(rb)
@@ -51,7 +52,7 @@ def test_weights_version_schedule(offset, interval):
 
 def test_sync_offset_gives_staleness_within_bounds(tmp_path):
     n = 2
-    d = _run(tmp_path, "offset", "train.steps=8", "pipeline.mode=async", f"pipeline.sync_offset={n}",
+    d = _run(tmp_path, "offset", "train.steps=8", *ASYNC, f"pipeline.sync_offset={n}",
              "eval.every=0")
     rows = read_metrics(d, "train")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -70,7 +71,7 @@ def test_sync_offset_gives_staleness_within_bounds(tmp_path):
 
 
 def test_old_logp_recompute_makes_the_stale_ratio_identically_one(tmp_path):
-    d = _run(tmp_path, "recompute", "train.steps=3", "pipeline.mode=async", "pipeline.sync_offset=1",
+    d = _run(tmp_path, "recompute", "train.steps=3", *ASYNC, "pipeline.sync_offset=1",
              "eval.every=0", "train.old_logp=recompute")
     rows = read_metrics(d, "train")
     assert rows[-1]["staleness_min"] == 1
@@ -99,7 +100,7 @@ def test_trainer_failing_before_training_stops_the_explorer(tmp_path, monkeypatc
 
     monkeypatch.setattr(asynchronous.mp, "get_context", lambda method: Recording(real_context(method)))
     monkeypatch.setattr(asynchronous, "build_context", failing_context)
-    cfg = load_config(None, [*SMALL, f"run.dir={tmp_path / 'x'}", "train.steps=4", "pipeline.mode=async"])
+    cfg = load_config(None, [*SMALL, f"run.dir={tmp_path / 'x'}", "train.steps=4", *ASYNC])
     with pytest.raises(RuntimeError, match="context failed"):
         asynchronous.run_async(cfg, log=lambda *a: None)
     assert len(procs) == 1 and not procs[0].is_alive()
@@ -109,7 +110,7 @@ def test_trainer_failing_before_training_stops_the_explorer(tmp_path, monkeypatc
 def test_decoupled_ppo_gets_a_proximal_policy_distinct_from_behav_when_stale(tmp_path):
     """Default config: at staleness 1 the behaviour weight exp(old - behav) is not identically 1 and
     KL(behav || old) is not 0 (old is the trainer's step-start policy, never behav_logp)."""
-    d = _run(tmp_path, "dppo", "train.steps=4", "pipeline.mode=async", "pipeline.sync_offset=1", "eval.every=0",
+    d = _run(tmp_path, "dppo", "train.steps=4", *ASYNC, "pipeline.sync_offset=1", "eval.every=0",
              "algorithm.preset=decoupled_ppo")
     plan = json.loads((d / "plan.json").read_text())
     assert plan["old_logp"] == "current" and plan["loss_reads"] == ["behav_logp", "old_logp"]

@@ -23,7 +23,8 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 SMALL = ["rollout.prompts_per_step=8", "rollout.group_size=4", "tasks.eval_size=32", "eval.every=10",
-         "run.progress=false", "run.loggers=[]", "train.threads=1", "pipeline.explorer_threads=1"]
+         "run.progress=false", "run.loggers=[]", "train.threads=1"]
+RAY = ["pipeline.mode=ray", "pipeline.explorer_threads=1"]  # explorer threads: read in ray mode only
 ROWS = 8 * 4
 
 
@@ -87,7 +88,7 @@ def _check_ledger(run_dir: Path, steps: int, *, failed_steps: int = 0) -> dict:
 
 def test_one_explorer_at_staleness_zero_equals_sync(tmp_path):
     a = _run(tmp_path, "sync", "train.steps=12", "tasks.eval_size=16")
-    b = _run(tmp_path, "ray", "train.steps=12", "tasks.eval_size=16", "pipeline.mode=ray")
+    b = _run(tmp_path, "ray", "train.steps=12", "tasks.eval_size=16", *RAY)
     ra, rb = read_metrics(a), read_metrics(b)
     assert len(ra) == len(rb) == 12 + 3  # 12 train records; evaluations at steps 0, 10 and 12
     assert _comparable(ra) == _comparable(rb)
@@ -100,7 +101,7 @@ def test_one_explorer_at_staleness_zero_equals_sync(tmp_path):
 @pytest.mark.slow
 def test_two_explorers_with_sync_offset_keep_staleness_in_bounds(tmp_path):
     n, steps = 2, 8
-    d = _run(tmp_path, "offset", f"train.steps={steps}", "pipeline.mode=ray", "pipeline.explorers=2",
+    d = _run(tmp_path, "offset", f"train.steps={steps}", *RAY, "pipeline.explorers=2",
              f"pipeline.sync_offset={n}", "eval.every=0")
     rows = read_metrics(d, "train")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
@@ -117,7 +118,7 @@ def test_killed_explorer_and_a_stop_then_resume_lose_nothing(tmp_path):
     regenerated), SIGINT the run after step 8 (checkpoint, RunStopped), resume it to the end. The
     ledger: every step trained one full batch, no row handed out twice."""
     steps = 14
-    args = [f"train.steps={steps}", "pipeline.mode=ray", "pipeline.explorers=2", "pipeline.sync_offset=1",
+    args = [f"train.steps={steps}", *RAY, "pipeline.explorers=2", "pipeline.sync_offset=1",
             "eval.every=0", "checkpoint.every=4", "tasks.eval_size=8"]
     run_dir = tmp_path / "run"
     killed = []
@@ -150,8 +151,8 @@ def test_two_trainer_workers_train_like_one(tmp_path, parallel):
     """train.workers=2 (a gloo group: this process and one actor) logs the losses of one worker: the same
     updates, and the same weights published to the explorer (FSDP2: gathered from the shards), since the
     batches of steps 2 and 3 are generated with them."""
-    one = _run(tmp_path, "w1", "train.steps=3", "pipeline.mode=ray", "eval.every=0")
-    two = _run(tmp_path, "w2", "train.steps=3", "pipeline.mode=ray", "eval.every=0", "train.workers=2",
+    one = _run(tmp_path, "w1", "train.steps=3", *RAY, "eval.every=0")
+    two = _run(tmp_path, "w2", "train.steps=3", *RAY, "eval.every=0", "train.workers=2",
                f"train.parallel={parallel}")
     r1, r2 = read_metrics(one, "train"), read_metrics(two, "train")
     assert r1[0]["reward_mean"] == r2[0]["reward_mean"]  # the same first batch (weights of version 0)
@@ -168,7 +169,7 @@ def test_a_dead_trainer_worker_stops_with_a_checkpoint_and_resumes(tmp_path):
     from offpolicy.train.checkpoint import latest_checkpoint
 
     steps = 10
-    args = [f"train.steps={steps}", "pipeline.mode=ray", "train.workers=2", "eval.every=0", "tasks.eval_size=8"]
+    args = [f"train.steps={steps}", *RAY, "train.workers=2", "eval.every=0", "tasks.eval_size=8"]
     run_dir = tmp_path / "run"
 
     def kill_rank_1():
@@ -204,7 +205,7 @@ def test_spear_self_imitation_and_kl_terms_with_two_trainer_workers(tmp_path):
              "workflow.env=calculator", "workflow.max_turns=3", "workflow.max_total_tokens=40",
              "rollout.max_new_tokens=12", "algorithm.preset=spear", "algorithm.kl_coef=0.05",
              "algorithm.loss_params.cov_lb=1.0e+9", "algorithm.self_imitation.replay_factor=0.1",
-             "algorithm.self_imitation.horizon=1", "train.lr=1e-4", "train.steps=4", "pipeline.mode=ray",
+             "algorithm.self_imitation.horizon=1", "train.lr=1e-4", "train.steps=4", *RAY,
              "eval.every=0"]
     one = _run(tmp_path, "w1", *spear, "train.micro_batches=2")
     two = _run(tmp_path, "w2", *spear, "train.workers=2")

@@ -25,7 +25,7 @@ STEPS = 24
 ROWS = 4 * 4
 ARGS = [f"train.steps={STEPS}", "rollout.prompts_per_step=4", "rollout.group_size=4", "tasks.eval_size=16",
         "eval.every=8", "checkpoint.every=4", "checkpoint.keep=2", "buffer.kind=sqlite", "run.progress=false",
-        "run.loggers=[]", "train.threads=1", "pipeline.explorer_threads=1"]
+        "run.loggers=[]", "train.threads=1"]
 
 
 def _train(run_dir, *extra, resume=False):
@@ -138,7 +138,7 @@ def _crash_after_first_checkpoint(run_dir, *extra, rng):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_kill_and_resume_loses_nothing_and_matches_an_uninterrupted_run(tmp_path, mode):
-    extra = ["pipeline.mode=async", "pipeline.sync_offset=1"] if mode == "async" else []
+    extra = ["pipeline.mode=async", "pipeline.explorer_threads=1", "pipeline.sync_offset=1"] if mode == "async" else []
     reference = tmp_path / "reference"
     assert _train(reference, *extra).wait() == 0
     run_dir = tmp_path / "crashed"

@@ -10,8 +10,7 @@ from offpolicy.pipeline import run
 from offpolicy.pipeline.context import open_run_buffer
 
 TINY = ["train.steps=2", "eval.every=0", "tasks.eval_size=8", "rollout.prompts_per_step=4", "rollout.group_size=4",
-        "run.progress=false", "run.loggers=[]", "run.save_final=false", "train.threads=1",
-        "pipeline.explorer_threads=1"]
+        "run.progress=false", "run.loggers=[]", "run.save_final=false", "train.threads=1"]
 ROWS = 2 * 4 * 4  # steps * prompts_per_step * group_size
 
 
@@ -19,7 +18,8 @@ ROWS = 2 * 4 * 4  # steps * prompts_per_step * group_size
 def test_run_leaves_every_row_used_in_the_database(tmp_path, mode):
     pytest.importorskip("sqlalchemy")
     db, run_dir = tmp_path / "b.db", tmp_path / "run"
-    cfg = load_config(None, [*TINY, f"pipeline.mode={mode}", "buffer.kind=sql", f"buffer.url=sqlite:///{db}",
+    threads = [] if mode == "sync" else ["pipeline.explorer_threads=1"]
+    cfg = load_config(None, [*TINY, f"pipeline.mode={mode}", *threads, "buffer.kind=sql", f"buffer.url=sqlite:///{db}",
                              f"run.dir={run_dir}"])
     run(cfg, log=lambda *a: None)
     assert not (run_dir / "buffer.db").exists()  # the rows went to buffer.url, not to the default file

@@ -20,7 +20,7 @@ from offpolicy.train.metrics import read_metrics
 from offpolicy.train.step import response_logp, train_step
 
 SMALL = ["rollout.prompts_per_step=4", "rollout.group_size=4", "tasks.eval_size=8", "eval.every=0",
-         "run.progress=false", "run.loggers=[]", "train.threads=1", "pipeline.explorer_threads=1",
+         "run.progress=false", "run.loggers=[]", "train.threads=1",
          "reward.timeout_s=null"]
 # a large learning rate, so that a few steps move the adapter far enough for the checks below to mean something
 LORA = [*SMALL, "model.lora.r=4", "model.lora.alpha=8", "train.lr=0.02", "algorithm.kl_coef=0.05"]
@@ -127,7 +127,8 @@ def test_lora_run_resumes_exactly_and_async_explorer_gets_the_adapter(tmp_path):
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
     b = tmp_path / "async"
-    run(load_config(None, [*args, f"run.dir={b}", "pipeline.mode=async"]), log=lambda *x: None)
+    run(load_config(None, [*args, f"run.dir={b}", "pipeline.mode=async", "pipeline.explorer_threads=1"]),
+        log=lambda *x: None)
     assert _comparable(read_metrics(b)) == _comparable(reference)
     rows = read_metrics(b, "train")
     assert all(r["staleness_max"] == 0 for r in rows)
