@@ -142,6 +142,11 @@ def build_plan(cfg: Config, algo) -> StepPlan:
     elif t.old_logp != "auto":
         raise ConfigError(f"train.old_logp={t.old_logp}: the loss {loss_name!r} does not read old_logp "
                           f"(it reads {sorted(loss_reads) or 'no log-probs'}); leave train.old_logp=auto")
+    if loss_name == "bapo" and t.workers > 1:
+        raise ConfigError(f"algorithm.preset={algo.preset}: the bapo loss searches its clip bounds over the rows of each "
+                          f"micro-batch; with train.workers={t.workers} every rank would search over its own share of "
+                          "them (the official code all-reduces the search's sums across ranks; not wired here), so "
+                          "the update would not be the one-process one. Use train.workers=1")
     kl = "off"
     for reg in algo.regularizers:
         kw = bound_params(reg, {})

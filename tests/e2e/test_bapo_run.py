@@ -41,3 +41,13 @@ def test_search_runs_over_the_updates_tokens(tmp_path):
     rows = _rows(tmp_path / "min", "train.updates_per_batch=2", "algorithm.loss_params.rho0=0.0")
     assert all(r["loss/bapo_c_low"] == pytest.approx(0.6) and r["loss/bapo_c_high"] == pytest.approx(1.2)
                for r in rows)
+
+
+def test_data_parallel_bapo_is_refused_naming_the_setting():
+    """Ranks would search the bounds over their own shares of a micro-batch: not the one-process update."""
+    from offpolicy.config import ConfigError
+    from offpolicy.pipeline.context import bind_algorithm
+
+    with pytest.raises(ConfigError, match=r"bapo loss searches its clip bounds.*train.workers=2"):
+        bind_algorithm(load_config(None, ["algorithm.preset=bapo", "pipeline.mode=ray", "train.workers=2"]))
+    bind_algorithm(load_config(None, ["algorithm.preset=bapo"]))  # one process: fine
