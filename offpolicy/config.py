@@ -52,7 +52,7 @@ class ModelConfig(_Section):
 
 class TasksConfig(_Section):
     name: Literal["arithmetic", "calculator", "pairs", "file", "hf", "jsonl"] = Field("arithmetic", description="Task source: generated arithmetic; 'calculator': generated multiplications too large to do in the head (for the calculator environment); 'pairs': preference pairs in the standard format (prompt/chosen/rejected, text or messages; JSONL, Parquet, CSV or a datasets folder) for algorithm.preset=dpo / ipo — it implies workflow.name=pairs and rollout.group_size=2 (docs/preferences.md); 'file': JSON lines / Parquet / CSV files (format from the extension; 'jsonl' is an alias); 'hf': a Hugging Face `datasets` dataset (save_to_disk folder, local data folder, or hub name).")
-    preset: Literal["gsm8k"] | None = Field(None, description="Fill defaults for a known data set (keys you set win): gsm8k = the GSM8K files ($OFFPOLICY_GSM8K_DIR or ../shared/data/gsm8k), question/answer fields, a '####' system prompt, eval on all 1319 test rows, reward.function=math, rollout.max_new_tokens=512.")
+    preset: Literal["gsm8k"] | None = Field(None, description="Fill defaults for a known data set (keys you set win): gsm8k = the GSM8K files ($OFFPOLICY_GSM8K_DIR or ../shared/data/gsm8k), question/answer fields, a '####' system prompt, eval on all 1319 test rows, reward.function=math (not with workflow.name=multi_turn, whose environment scores), rollout.max_new_tokens=512.")
     train_path: str | None = Field(None, description="file: training tasks file; hf: dataset folder or hub name.")
     eval_path: str | None = Field(None, description="file / hf: held-out tasks (default: train_path).")
     split: str = Field("train", description="hf (and pairs from a datasets folder): split of the training tasks.")
@@ -343,7 +343,11 @@ class Config(_Section):
         from offpolicy.data.task_files import preset_defaults
 
         data = dict(data)
+        workflow = data.get("workflow") or {}
+        workflow = workflow.model_dump(exclude_unset=True) if isinstance(workflow, BaseModel) else workflow
         for section, defaults in preset_defaults(data["tasks"]["preset"], data["tasks"]).items():
+            if section == "reward" and isinstance(workflow, dict) and workflow.get("name") == "multi_turn":
+                continue  # the environment scores the episode: a preset's reward.function would be refused
             given = data.get(section) or {}
             given = given.model_dump(exclude_unset=True) if isinstance(given, BaseModel) else given
             data[section] = {**defaults, **given}

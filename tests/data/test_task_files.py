@@ -219,6 +219,13 @@ def test_gsm8k_preset_rows_and_defaults(gsm8k_data, smoke_model_dir):
     assert held_out[0].answer.endswith("#### 18") and next(train).answer
 
 
+def test_gsm8k_preset_leaves_the_reward_to_a_multi_turn_environment(gsm8k_data):
+    """The environment scores a multi-turn episode, so the preset's reward.function=math would be refused."""
+    c = cfg("tasks.preset=gsm8k", "workflow.name=multi_turn", "workflow.env=python")
+    assert c.reward.function == "exact_match" and c.tasks.train_path.endswith("gsm8k/train.jsonl")
+    assert c.rollout.max_new_tokens == 512
+
+
 def test_gsm8k_preset_explicit_settings_win(tmp_path, monkeypatch, gsm8k_data):
     c = cfg("tasks.preset=gsm8k", "reward.function=exact_match", "tasks.system_prompt=Think.",
             "rollout.max_new_tokens=64", "tasks.eval_size=10", "tasks.eval_path=mine.jsonl")
