@@ -32,9 +32,8 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
-from itertools import islice
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from offpolicy.config import Config, ConfigError
 from offpolicy.pipeline.opa_dpo_config import OpaDpoConfig, load_opa_dpo_config
@@ -139,6 +138,18 @@ def pair_accuracy(model, tokenizer, pairs, *, batch_pairs: int = 128) -> float:
 # ---------------------------------------------------------------------------- the stages
 
 
+def _first_distinct(tasks: Iterable, n: int) -> list:
+    """The first ``n`` tasks of a stream, stopping early where it comes back to a task it gave (a file's
+    stream repeats it epoch after epoch; stage 1 answers each prompt once, ``generate.samples`` times)."""
+    seen, out = set(), []
+    for task in tasks:
+        if len(out) == n or task.task_id in seen:
+            break
+        seen.add(task.task_id)
+        out.append(task)
+    return out
+
+
 def generate_stage(cfg: OpaDpoConfig, out: Path, log: Callable[[str], None]) -> dict:
     """Stage 1: ``train.jsonl`` / ``eval.jsonl`` rows {task_id, prompt, answer, response, correct}."""
     import torch
@@ -152,7 +163,10 @@ def generate_stage(cfg: OpaDpoConfig, out: Path, log: Callable[[str], None]) -> 
     model, tok = load_policy(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
                              attn_implementation=cfg.model.attn_implementation)
     train_iter, eval_tasks = task_source(cfg, tok, report=log)
-    train_tasks = list(islice(train_iter, cfg.opa_dpo.generate.prompts))
+    train_tasks = _first_distinct(train_iter, cfg.opa_dpo.generate.prompts)
+    if len(train_tasks) < cfg.opa_dpo.generate.prompts:
+        log(f"stage 1: the training tasks hold {len(train_tasks)} distinct prompts, fewer than "
+            f"opa_dpo.generate.prompts={cfg.opa_dpo.generate.prompts}: each is answered once")
     scorer = GuardedReward.from_config(reward_function(cfg), cfg.reward)
     engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)

@@ -136,3 +136,21 @@ def test_opa_dpo_run_gives_a_benchmark_its_numbers(tmp_path):
         assert 0 <= r[key] <= (1 if key != "seconds" else 1e6), key
     saved = json.loads((tmp_path / "b" / "opa_dpo.json").read_text())
     assert saved["resolved"]["train"]["seed"] == 3 and r["run_dir"] == str(tmp_path / "b")
+
+
+def test_stage1_answers_each_prompt_of_a_small_task_file_once(tmp_path):
+    """A task file with fewer rows than opa_dpo.generate.prompts: each prompt once (its stream repeats the file
+    epoch after epoch; taking 20 from it answered the same 5 prompts four times each)."""
+    from offpolicy.data import arithmetic
+
+    rows = [{"prompt": t.prompt, "answer": t.answer} for t in arithmetic.generate("train", 5, seed=0)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, _ = load_opa_dpo_config(EXAMPLE, [f"run.dir={tmp_path / 'r'}", "tasks.name=file",
+                                           f"tasks.train_path={tmp_path / 't.jsonl'}", "tasks.eval_size=2",
+                                           "opa_dpo.generate.prompts=20", "opa_dpo.generate.samples=2"])
+    said = []
+    (tmp_path / "out").mkdir()
+    opa_dpo.generate_stage(cfg, tmp_path / "out", said.append)
+    ids = [json.loads(line)["task_id"] for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert len(ids) == 10 and len(set(ids)) == 5  # 5 prompts x 2 samples
+    assert any("5 distinct prompts, fewer than opa_dpo.generate.prompts=20" in s for s in said)
