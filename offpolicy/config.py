@@ -444,7 +444,7 @@ class Config(_Section):
                              f"{p.sync_offset} and pipeline.sync_interval={p.sync_interval} produce "
                              f"(sync_offset + sync_interval - 1 = {p.sync_offset + p.sync_interval - 1})")
         if p.mode == "sync" and (p.sync_offset or p.sync_interval > 1):
-            raise ValueError("pipeline.sync_offset / pipeline.sync_interval need pipeline.mode=async")
+            raise ValueError("pipeline.sync_offset / pipeline.sync_interval need pipeline.mode=async or ray")
         if p.mode == "sync":
             sync_unread = [k for k in ("max_staleness", "explorer_restarts", "explorer_threads")
                            if getattr(p, k) != PipelineConfig.model_fields[k].default]
@@ -631,5 +631,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             got = f" (got {err.get('input')!r})" if err["loc"] else ""
             lines.append(f"  {loc}: {err['msg']}{got}")
-        src = f" in {path}" if path else ""
+        src = ((f" in {path}" if not overrides else f" ({path} with the overrides {' '.join(overrides)})") if path
+               else "")
         raise ConfigError(f"invalid config{src}:\n" + "\n".join(lines)) from None

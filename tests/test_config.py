@@ -57,3 +57,12 @@ def test_task_settings_a_source_does_not_read_are_refused():
     with pytest.raises(ConfigError, match="tasks.few_shot is not read by tasks.name=calculator"):
         load_config(None, ["tasks.name=calculator", "tasks.few_shot=2"])
     load_config(None, ["tasks.name=calculator", "tasks.system_prompt=Use the calculator."])  # read: formatting
+
+
+def test_an_invalid_value_names_the_file_and_the_overrides_it_came_from(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: -0.001\n")
+    with pytest.raises(ConfigError, match=rf"invalid config in {path}:\n  train.lr"):
+        load_config(path, [])
+    with pytest.raises(ConfigError, match=rf"invalid config \({path} with the overrides train.lr=-1\):\n  train.lr"):
+        load_config(path, ["train.lr=-1"])
