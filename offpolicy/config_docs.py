@@ -112,8 +112,8 @@ def select(found: list[Section], which: str | None) -> list[Section]:
             return [s._replace(options=one)]
     keys = [s.key for s in found] + [o.key for s in found for o in s.options]
     close = difflib.get_close_matches(which, keys, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"unknown config section '{which}'{hint} valid sections: {', '.join(s.key for s in found)}")
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"unknown config section '{which}'{hint}; valid sections: {', '.join(s.key for s in found)}")
 
 
 # ----------------------------------------------------------------------------------------- rendering

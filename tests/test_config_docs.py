@@ -60,3 +60,5 @@ def test_cli_unknown_section_is_an_error_naming_the_valid_ones(capsys):
     err = capsys.readouterr().err
     assert "unknown config section 'trian'" in err and "did you mean 'train'" in err
     assert "model.lora" in err and "buffer" in err and "Traceback" not in err
+    assert main(["config", "nosuch"]) == 2  # no close match: the valid sections still read as their own clause
+    assert "unknown config section 'nosuch'; valid sections: model, model.lora," in capsys.readouterr().err
