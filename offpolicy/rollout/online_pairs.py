@@ -20,6 +20,10 @@ batch index and ``behav_logp`` of its samples: pairs go through the same buffer,
 checkpoints as RL experiences. With ``workflow.keep_samples=true`` the sampled group itself is also kept
 as an RL group (its K rows first, then the task's pairs), so one run can train a policy-gradient loss on the
 samples and a DPO term (``algorithm.preference_coef``) on the pairs built from them.
+
+Held-out evaluation measures the policy's own answers, one greedy sample per task through ``single_turn``
+(``eval_workflow``, read by :func:`offpolicy.train.evaluate.evaluate_workflow`), whatever the pairing: one
+sample makes no pair under ``all_pairs``, so evaluating the pair rows would score 0 of 0.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ def build_pairs(group: Sequence[Experience], pairing: Pairing, group_size: int) 
 
 class OnlinePairs:
     """``workflow(engine, tokenizer, tasks, scorer, ...)``: sample, score, pair (see the module docstring)."""
+
+    eval_workflow = staticmethod(single_turn)  # the samples, not the pairs, are evaluated (module docstring)
 
     def __init__(self, pairing: Pairing = "best_vs_worst", keep_samples: bool = False):
         self.pairing, self.keep_samples = pairing, keep_samples

@@ -51,7 +51,7 @@ class PairsWorkflow:
     def evaluate(self, ctx, pairs: Sequence, *, batch_pairs: int = 64) -> dict[str, float]:
         """Held-out ``preference_accuracy`` (also as ``accuracy``; a tie counts 1/2, so the initial policy,
         equal to the reference, scores 0.5) and the mean implicit ``reward_margin`` (beta not applied),
-        policy against the reference model."""
+        policy against the reference model; ``tasks``: the pairs evaluated."""
         from offpolicy.train.step import _to_device, response_logp
 
         model, ref = ctx.model, ctx.ref_model
@@ -69,4 +69,5 @@ class PairsWorkflow:
             margins += margin_P.tolist()
         model.train(was)
         acc = sum(wins) / max(len(wins), 1)
-        return {"accuracy": acc, "preference_accuracy": acc, "reward_margin": sum(margins) / max(len(margins), 1)}
+        return {"accuracy": acc, "preference_accuracy": acc, "reward_margin": sum(margins) / max(len(margins), 1),
+                "tasks": len(pairs)}

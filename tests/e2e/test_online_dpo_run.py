@@ -37,3 +37,16 @@ def test_a_mixed_run_trains_grpo_on_samples_and_dpo_on_their_pairs(tmp_path):
     assert rows[0]["pair/loss"] == pytest.approx(0.693147, abs=1e-4)
     assert all("loss/ratio_mean" in r and "pair/preference_accuracy" in r for r in rows)
     assert (tmp_path / "plan.json").read_text().count("0.5 x dpo(") == 1
+
+
+def test_the_held_out_measure_does_not_depend_on_the_pairing(tmp_path):
+    """Evaluation scores one greedy answer per task: all_pairs builds no pair from one answer, and its
+    evaluation once scored 0 of 0 (0.000 before any training)."""
+    first = {}
+    for pairing in ("best_vs_worst", "all_pairs"):
+        run = tmp_path / pairing
+        assert main(["train", "algorithm.preset=online_dpo", f"workflow.pairing={pairing}", f"run.dir={run}",
+                     *SMALL, "train.steps=1", "rollout.prompts_per_step=4"]) == 0
+        first[pairing] = read_metrics(run, "eval")[0]
+    assert first["all_pairs"]["accuracy"] == first["best_vs_worst"]["accuracy"] > 0.2  # the bundled model: ~0.44
+    assert first["all_pairs"]["tasks"] == 32
