@@ -116,13 +116,25 @@ def _step_line(step: int, total: int, r: dict) -> str:
 
 def _eval_label(cfg) -> str:
     """'held-out' unless the evaluation tasks are the training tasks (a file or dataset split given as
-    both, e.g. ``tasks.name=file`` without ``tasks.eval_path``): then 'training-set'."""
+    both, e.g. ``tasks.name=file`` without ``tasks.eval_path``; pairs without ``tasks.eval_path``, which
+    evaluate on the first training pairs): then 'training-set'."""
     t = cfg.tasks
-    if t.name not in ("file", "jsonl", "hf"):
+    if t.name not in ("file", "jsonl", "hf", "pairs"):
         return "held-out"  # generated tasks: the evaluation split is generated apart from the training stream
+    if t.name == "pairs" and t.eval_path is None:
+        return "training-set"  # tasks.eval_split alone picks nothing: the held pairs are the first training pairs
     same_file = t.eval_path is None or t.eval_path == t.train_path
-    same_split = t.name != "hf" or (t.eval_split or t.split) == t.split
+    same_split = t.name not in ("hf", "pairs") or (t.eval_split or t.split) == t.split
     return "training-set" if same_file and same_split else "held-out"
+
+
+def _eval_set(cfg, n) -> str:
+    """What the evaluation runs on: '512 held-out tasks', '200 held-out pairs', '10 training-set tasks (no
+    tasks.eval_path)'. ``n``: the count, or a bound such as 'up to 512' before the tasks are loaded."""
+    label = _eval_label(cfg)
+    note = "" if label == "held-out" else " (no tasks.eval_path)" if cfg.tasks.eval_path is None else \
+        " (tasks.eval_path is the training data)"
+    return f"{n} {label} {'pairs' if cfg.tasks.name == 'pairs' else 'tasks'}{note}"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -146,8 +158,9 @@ def _summary(cfg, resume: bool) -> str:
         source += f" {t.train_path}"
     head = (f"offpolicy train{' (resuming)' if resume else ''}: {cfg.algorithm.preset} on {source}, "
             f"model {cfg.model.path} ({cfg.model.device}), {cfg.train.steps} steps x {r.prompts_per_step} "
-            f"prompts x {r.group_size} responses, pipeline {cfg.pipeline.mode}, evaluation on {t.eval_size} "
-            f"{_eval_label(cfg)} tasks every {cfg.eval.every or '-'} steps")
+            f"prompts x {r.group_size} responses, pipeline {cfg.pipeline.mode}, evaluation on "
+            f"{_eval_set(cfg, t.eval_size if t.name in ('arithmetic', 'calculator') else f'up to {t.eval_size}')}"
+            f" every {cfg.eval.every or '-'} steps")
     defaults = _flat(Config().model_dump(mode="json"))
     changed = [f"  {k} = {v!r}" for k, v in _flat(shareable(cfg.model_dump(mode="json"))).items()
                if defaults.get(k, object()) != v]
@@ -228,9 +241,9 @@ def _cmd_train(args) -> int:
         return code
     b, a = res.eval_before["accuracy"], res.eval_after["accuracy"]
     measure = "preference accuracy on" if "preference_accuracy" in res.eval_after else "greedy accuracy on"
-    unit = "pairs" if cfg.tasks.name == "pairs" else "tasks"
+    n = res.eval_after.get("tasks", f"up to {cfg.tasks.eval_size}")  # the rows evaluated, not the bound
     console.line(f"done: {cfg.algorithm.preset}, {res.steps} steps, {res.seconds:.0f} s; {measure} "
-                 f"{cfg.tasks.eval_size} {_eval_label(cfg)} {unit} {b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f} pts)")
+                 f"{_eval_set(cfg, n)} {b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f} pts)")
     console.line(f"run directory: {res.run_dir}  (run.log, metrics.jsonl, config.yaml, checkpoints/"
                  f"{', final/' if cfg.run.save_final else ''}{', tb/' if 'tensorboard' in cfg.run.loggers else ''})")
     console.close()
@@ -260,31 +273,72 @@ def _eval_task_overrides(tasks: str | None) -> list[str]:
 
 
 def _cmd_eval(args) -> int:
+    """Evaluate as a training run of the config does (``TrainLoop.evaluate``): through the config's workflow
+    and rollout engine (multi-turn episodes for an agent), or by the workflow's own measure (preference
+    accuracy of pairs, against the config's ``model.path`` as the reference); plus pass@k where the
+    workflow generates answers."""
     import torch
 
-    from offpolicy.config import load_config
+    from offpolicy.config import ConfigError, load_config
     from offpolicy.pipeline.context import reward_function, task_source
+    from offpolicy.rewards.guard import FirstFaults, GuardedReward
+    from offpolicy.rollout.engine import make_engine
     from offpolicy.rollout.model import load_policy
-    from offpolicy.train.evaluate import evaluate
+    from offpolicy.rollout.workflow import build_workflow
+    from offpolicy.train.evaluate import evaluate_workflow
 
+    overrides = [*_eval_task_overrides(args.tasks), *args.overrides]
     model_override = [f"model.path={args.model}"] if args.model else []  # its context bounds the prompts
-    cfg = load_config(args.config, [*_eval_task_overrides(args.tasks), *args.overrides, *model_override])
+    cfg = load_config(args.config, [*overrides, *model_override])
     from offpolicy.threads import available_cpus
 
     torch.set_num_threads(cfg.train.threads or available_cpus())
+    try:
+        workflow = build_workflow(cfg.workflow)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    own_measure = hasattr(workflow, "evaluate")  # the pairs workflow: preference accuracy, nothing generated
+    if own_measure and args.k:
+        raise ConfigError(f"--k {args.k}: workflow.name={cfg.workflow.name} is evaluated by its own measure (pairs: "
+                          "preference accuracy against the reference model), which generates no answers, so it has "
+                          "no pass@k (drop --k)")
+    k = 0 if own_measure else cfg.eval.pass_k if args.k is None else args.k
     model_path = args.model or cfg.model.path
     model, tok = load_policy(model_path, device=cfg.model.device, dtype=cfg.model.dtype)
     tasks = task_source(cfg, tok)[1][: args.limit or None]
-    k = cfg.eval.pass_k if args.k is None else args.k
-    res = evaluate(model, tok, tasks, reward_function(cfg), max_new_tokens=cfg.rollout.max_new_tokens,
-                   pass_k=k, temperature=cfg.rollout.temperature, seed=cfg.train.seed, batch_size=args.batch_size)
-    source = cfg.tasks.preset or cfg.tasks.name
-    if args.tasks in (None, "gsm8k", "arithmetic"):  # a known evaluation split: say whether it is held out
-        source = f"{_eval_label(cfg)} {source}"
-    scores = "  ".join(f"{'greedy accuracy' if name == 'accuracy' else name} {v:.3f}" for name, v in res.items())
+    if own_measure:
+        from types import SimpleNamespace
+
+        ref_path = load_config(args.config, overrides).model.path  # the policy the training run started from
+        ref, _ = load_policy(ref_path, device=cfg.model.device, dtype=cfg.model.dtype)
+        res = workflow.evaluate(SimpleNamespace(model=model, ref_model=ref.eval().requires_grad_(False),
+                                                 tokenizer=tok), tasks)
+        detail = f"reference {ref_path}"
+    else:
+        scorer = GuardedReward.from_config(reward_function(cfg), cfg.reward, on_fault=FirstFaults(during="evaluation"))
+        engine = make_engine(cfg.rollout, model, tok, seed=cfg.train.seed)
+        try:
+            res = evaluate_workflow(model, engine, workflow, tok, tasks, scorer, pass_k=k, seed=cfg.train.seed,
+                                    max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                    batch_size=args.batch_size)
+        finally:
+            scorer.close()
+        detail = f"reward {cfg.reward.function}, max {cfg.rollout.max_new_tokens} new tokens"
+        if cfg.workflow.name == "multi_turn":  # the environment scores the episode
+            detail = (f"workflow multi_turn (env {cfg.workflow.env}, up to {cfg.workflow.max_turns} turns), max "
+                      f"{cfg.rollout.max_new_tokens} new tokens per turn")
+    what = f"{len(tasks)} {cfg.tasks.preset or cfg.tasks.name} tasks"
+    if own_measure:
+        what = _eval_set(cfg, len(tasks))  # '200 held-out pairs', '8 training-set pairs (no tasks.eval_path)'
+    elif args.tasks in (None, "gsm8k", "arithmetic"):  # a known evaluation split: say whether it is held out
+        what = f"{len(tasks)} {_eval_label(cfg)} {cfg.tasks.preset or cfg.tasks.name} tasks"
+    shown = [n for n in ("accuracy", "preference_accuracy", "reward_margin", "success", "tool_calls_mean",
+                         f"pass@{k}") if n in res]
+    if "preference_accuracy" in res:
+        shown.remove("accuracy")  # the same number
+    scores = "  ".join(f"{'greedy accuracy' if n == 'accuracy' else n} {res[n]:.3f}" for n in shown)
     # plain print: a rich console wraps at its width (80 columns when piped), mid-phrase
-    print(f"{model_path}: {len(tasks)} {source} tasks, reward {cfg.reward.function}, "
-          f"max {cfg.rollout.max_new_tokens} new tokens  {scores}")
+    print(f"{model_path}: {what}, {detail}  {scores}")
     return 0
 
 
@@ -419,12 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume even though settings differ from the run's config.json (they are listed)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.preset=rec_oneside_nois")
     t.set_defaults(fn=_cmd_train)
-    e = sub.add_parser("eval", help="greedy accuracy and pass@k of a checkpoint on the held-out split")
+    e = sub.add_parser("eval", help="evaluate a checkpoint as a training run of the config does: greedy accuracy "
+                                   "through its workflow (agents: multi-turn episodes) and pass@k, or preference "
+                                   "accuracy of pairs")
     e.add_argument("--model", help="HF model folder (default: model.path, i.e. the bundled model)")
     e.add_argument("--config", help="YAML config file (tasks, rollout settings)")
     e.add_argument("--tasks", help="'gsm8k' (test split, math reward), 'arithmetic', or a task file / dataset "
                                    "folder (default: the config's tasks)")
-    e.add_argument("--k", type=int, help="k of pass@k (default: eval.pass_k; 0: greedy only)")
+    e.add_argument("--k", type=int, help="k of pass@k (default: eval.pass_k; 0: greedy only); refused for pairs, "
+                                         "which generate nothing")
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N tasks")
     e.add_argument("--batch-size", type=int, default=512, help="sequences generated together (lower it if "
                                                              "the GPU runs out of memory)")

@@ -118,12 +118,38 @@ def test_a_training_file_used_for_evaluation_is_not_called_held_out(tmp_path):
     f.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     same = load_config(None, ["tasks.name=file", f"tasks.train_path={f}"])
     assert _eval_label(same) == "training-set" and "8 training-set tasks" not in _summary(same, False)
-    assert "evaluation on 512 training-set tasks" in _summary(same, False)
+    # before the file is read only the bound is known
+    assert "evaluation on up to 512 training-set tasks (no tasks.eval_path)" in _summary(same, False)
     assert _eval_label(load_config(None, ["tasks.name=file", f"tasks.train_path={f}", "tasks.eval_path=x.jsonl"])) \
         == "held-out"
     assert _eval_label(load_config(None, ["tasks.name=hf", f"tasks.train_path={f}", "tasks.eval_split=test"])) \
         == "held-out"
     assert _eval_label(load_config(None, [])) == "held-out"  # generated tasks: the evaluation split is apart
+    pairs = ["tasks.name=pairs", f"tasks.train_path={f}", "algorithm.preset=dpo", "rollout.group_size=2"]
+    assert _eval_label(load_config(None, pairs)) == "training-set"  # the first training pairs
+    assert _eval_label(load_config(None, [*pairs, "tasks.eval_path=x.jsonl"])) == "held-out"
+
+
+def test_the_final_line_counts_the_rows_evaluated_not_tasks_eval_size(tmp_path, capsys):
+    from offpolicy.data.pairs import arithmetic_pairs, write_pairs
+
+    rows = "".join(f'{{"prompt": "{a}+{a}=", "answer": "{2 * a}"}}\n' for a in range(10))
+    (tmp_path / "train.jsonl").write_text(rows)
+    (tmp_path / "held.jsonl").write_text(rows)
+    one = ["train.steps=1", "eval.every=0", "run.progress=false", *SMALL, "tasks.eval_size=512"]
+    assert main(["train", "tasks.name=file", f"tasks.train_path={tmp_path / 'train.jsonl'}",
+                 f"tasks.eval_path={tmp_path / 'held.jsonl'}", f"run.dir={tmp_path / 'file'}", *one]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation on up to 512 held-out tasks" in out and "greedy accuracy on 10 held-out tasks" in out
+    train = write_pairs(tmp_path / "pairs.jsonl", arithmetic_pairs("train", 64, seed=0))
+    evals = write_pairs(tmp_path / "eval.jsonl", arithmetic_pairs("eval", 20, seed=0))
+    dpo = ["algorithm.preset=dpo", "tasks.name=pairs", f"tasks.train_path={train}", *one, "rollout.group_size=2"]
+    assert main(["train", *dpo, f"tasks.eval_path={evals}", f"run.dir={tmp_path / 'dpo'}"]) == 0
+    assert "preference accuracy on 20 held-out pairs" in capsys.readouterr().out
+    assert main(["train", *dpo, "tasks.eval_size=16", f"run.dir={tmp_path / 'dpo_train'}"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation on up to 16 training-set pairs (no tasks.eval_path)" in out
+    assert "preference accuracy on 16 training-set pairs (no tasks.eval_path)" in out
 
 
 def test_the_summary_is_one_screen_with_the_changed_keys():
