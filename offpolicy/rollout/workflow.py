@@ -16,7 +16,8 @@ A workflow that yields other than ``group_size`` rows per task says how many wit
 
 A workflow may also have ``evaluate(ctx, tasks) -> dict`` (with ``accuracy``), which the trainer's
 held-out evaluation then uses instead of greedy generation (the pairs workflow measures preference
-accuracy that way).
+accuracy that way), or ``eval_workflow``: the workflow whose greedy episodes are scored instead of its own
+(``online_pairs`` names ``single_turn``: its samples are evaluated, not the pairs built from them).
 
 A sample whose reward faulted (raised, timed out, returned NaN/inf/None; see
 :mod:`offpolicy.rewards.guard`) is kept but made inert (:func:`make_inert`): its trainable mask is all zero
