@@ -19,7 +19,8 @@ import torch
 import torch.multiprocessing as mp
 
 from offpolicy.config import Config
-from offpolicy.pipeline.context import build_context, open_run_buffer, reward_function, task_source
+from offpolicy.pipeline.context import (RunLog, build_context, check_run, open_run_buffer, reward_function,
+                                        task_source)
 from offpolicy.pipeline.explorer import Explorer, weights_version
 from offpolicy.pipeline.replay import apply_preset_defaults, sample_strategy
 from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
@@ -267,11 +268,13 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
     saved), so their staleness can be below ``sync_offset`` for a few steps.
     """
     cfg = apply_preset_defaults(cfg)
+    runlog = RunLog(progress, cfg, run_dir, resume=resume)  # run.log opens as soon as the run directory exists
+    check_run(cfg)
     # the explorer starts first: its start-up (imports, its model) overlaps the trainer's own set-up
     explorer = _ExplorerProcess(cfg)
     opened: list = []  # the buffer and the train loop, closed last first
     try:
-        ctx = build_context(cfg, run_dir, resume=resume)
+        ctx = build_context(cfg, run_dir, resume=resume, log=log, on_run_dir=runlog.open)
         log(f"run directory: {ctx.run_dir}")
         log(ctx.plan.describe())
         buffer = open_run_buffer(cfg, ctx.run_dir)
@@ -284,8 +287,10 @@ def run_async(cfg: Config, *, run_dir: Path | None = None, resume: bool = False,
             log(f"resuming from step {state['step']} ({state['path']}); the explorer continues at batch "
                 f"{start['batch']}")
         explorer.send_job(ctx, buffer, start)
-        loop = TrainLoop(ctx, strategy, progress=progress, resumed=state, step_fn=step_fn)
+        loop = TrainLoop(ctx, strategy, progress=runlog.handed_on(), resumed=state, step_fn=step_fn)
         opened.append(loop)
+        if resume:
+            ctx.write_config()
         return _train(ctx, explorer, buffer, strategy, loop, start, state)
     finally:
         explorer.stop()

@@ -15,16 +15,54 @@ import torch
 from offpolicy.config import Config, ConfigError, shareable
 
 
-def make_run_dir(cfg: Config) -> Path:
-    """Create the run directory; refuse one that already holds a run, so nothing there is overwritten."""
+# what a run writes in its directory: a run that never trained a step has these moved aside (make_run_dir)
+RUN_FILES = ("config.json", "config.yaml", "plan.json", "metrics.jsonl", "metrics.rolled_back.jsonl", "run.log",
+             "buffer.db", "buffer.db-wal", "buffer.db-shm", "buffer.db-journal", "reward_faults.log", "tb", "wandb",
+             "mlflow.db", "checkpoints", "final", "reincarnation.safetensors")
+
+
+def make_run_dir(cfg: Config, log: Callable[[str], None] = print) -> Path:
+    """Create the run directory. One that holds a run that trained (a checkpoint, or a train record in
+    ``metrics.jsonl``) is refused, so nothing there is overwritten. One that holds only what a run that never
+    trained a step left (it failed in its set-up or first evaluation) is reused: those files move to
+    ``<run_dir>/aborted-<time>/``, nothing is deleted, and ``log`` says so."""
+    from offpolicy.train.checkpoint import latest_checkpoint
+
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(cfg.run.dir.format(preset=cfg.algorithm.preset, time=stamp))
-    for name in ("metrics.jsonl", "buffer.db"):
-        if (path / name).exists():
-            raise ConfigError(f"run.dir: {path} already holds a run ({name}) but no checkpoint to resume "
-                              "from; choose another run.dir")
+    held = [name for name in RUN_FILES if (path / name).exists() or (path / name).is_symlink()]
+    if held:
+        if latest_checkpoint(path) is not None:
+            raise ConfigError(f"run.dir: {path} already holds a run with a checkpoint; resume it (offpolicy train "
+                              f"--resume {path}) or choose another run.dir")
+        if _trained(path / "metrics.jsonl"):
+            raise ConfigError(f"run.dir: {path} already holds a run that trained (steps in metrics.jsonl) but no "
+                              "checkpoint to resume from; choose another run.dir")
+        aside, n = path / f"aborted-{stamp}", 1
+        while aside.exists():
+            n += 1
+            aside = path / f"aborted-{stamp}-{n}"
+        aside.mkdir()
+        for name in held:
+            (path / name).rename(aside / name)
+        log(f"run.dir {path}: the run there stopped before its first training step (no checkpoint, no step in "
+            f"metrics.jsonl); its files ({', '.join(held)}) moved to {aside}")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _trained(metrics: Path) -> bool:
+    """Whether ``metrics`` (a run's metrics.jsonl) holds a train record (a line cut by a crash is skipped)."""
+    if not metrics.is_file():
+        return False
+    with metrics.open() as f:
+        for line in f:
+            try:
+                if json.loads(line).get("kind", "train") == "train":
+                    return True
+            except (json.JSONDecodeError, AttributeError):
+                continue
+    return False
 
 
 def open_run_buffer(cfg: Config, run_dir: Path):
@@ -36,10 +74,7 @@ def open_run_buffer(cfg: Config, run_dir: Path):
     as :func:`make_run_dir` refuses a run directory with a ``buffer.db``."""
     from offpolicy.data.buffer import open_buffer
 
-    kind = cfg.buffer.kind or ("sqlite" if cfg.pipeline.decoupled else "memory")
-    if kind == "memory" and cfg.pipeline.decoupled:
-        raise ConfigError(f"buffer.kind=memory cannot be shared with the explorer process; use sqlite in "
-                          f"{cfg.pipeline.mode} mode")
+    kind = _buffer_kind(cfg)
     if kind != "sql":
         return open_buffer(None if kind == "memory" else str(run_dir / "buffer.db"), capacity=cfg.buffer.capacity)
     try:
@@ -64,6 +99,56 @@ def open_run_buffer(cfg: Config, run_dir: Path):
         buffer.close()
         raise ConfigError(f"{shown} already holds another run's rows; use an empty database (one run per database)")
     return buffer
+
+
+def _buffer_kind(cfg: Config) -> str:
+    kind = cfg.buffer.kind or ("sqlite" if cfg.pipeline.decoupled else "memory")
+    if kind == "memory" and cfg.pipeline.decoupled:
+        raise ConfigError(f"buffer.kind=memory cannot be shared with the explorer process; use sqlite in "
+                          f"{cfg.pipeline.mode} mode")
+    return kind
+
+
+def check_run(cfg: Config) -> None:
+    """The runner's own settings (the buffer's kind, the sample strategy for this pipeline), checked when the
+    runner starts: before any model loads or a new run directory is made. ``cfg``: after
+    :func:`~offpolicy.pipeline.replay.apply_preset_defaults`."""
+    from offpolicy.pipeline.replay import sample_strategy
+
+    _buffer_kind(cfg)
+    sample_strategy(cfg)
+
+
+class RunLog:
+    """Hands the runner's ``progress`` (the console of ``offpolicy train``) the run directory as soon as it
+    exists — at once for a resume, once it is made for a new run — by calling its ``begin``, so that
+    ``run.log`` holds the set-up's lines and, when the set-up fails, its error (docs/logging.md). The runner
+    passes this object to ``TrainLoop`` in place of ``progress``: its ``begin`` is then done already.
+    ``progress=None``: nothing to open."""
+
+    def __init__(self, progress, cfg: Config, run_dir: Path | None, *, resume: bool):
+        self.progress, self.total, self.begun = progress, cfg.train.steps, False
+        if resume:
+            self.open(Path(cfg.run.dir) if run_dir is None else Path(run_dir))
+
+    def open(self, run_dir: Path) -> None:
+        from offpolicy.train.checkpoint import checkpoint_step, latest_checkpoint
+
+        if self.progress is not None and not self.begun:
+            last = latest_checkpoint(run_dir)
+            self.begin(run_dir, self.total, done=checkpoint_step(last) if last is not None else 0)
+
+    def begin(self, run_dir, total: int, done: int = 0) -> None:
+        if not self.begun:
+            self.begun = True
+            self.progress.begin(run_dir, total, done=done)
+
+    def __getattr__(self, name):
+        return getattr(self.progress, name)
+
+    def handed_on(self):
+        """What ``TrainLoop`` gets as its ``progress``: this object, or None where there is no progress."""
+        return self if self.progress is not None else None
 
 
 def seed_everything(seed: int) -> None:
@@ -169,6 +254,7 @@ def reward_function(cfg: Config) -> Callable[[str, str], float]:
     """``reward.function``: a built-in name, ``module:function``, or a weighted sum such as
     ``"math:1.0,format:0.1"`` (terms ``name:weight``, each name built-in or ``module:function``).
     Everything is imported here, so a typo fails early."""
+    import difflib
     import importlib
     import re
 
@@ -177,7 +263,9 @@ def reward_function(cfg: Config) -> Callable[[str, str], float]:
     def resolve(name: str) -> Callable[[str, str], float]:
         if ":" not in name:
             if name not in REWARDS:
-                raise ConfigError(f"reward.function: unknown reward {name!r}; built-in: {sorted(REWARDS)}, "
+                close = difflib.get_close_matches(name, REWARDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"reward.function: unknown reward {name!r}{hint}; built-in: {sorted(REWARDS)}, "
                                   "or give 'package.module:function'")
             return REWARDS[name]
         module, attr = name.split(":", 1)
@@ -234,6 +322,13 @@ class RunContext:
     train_tasks: Iterator  # the endless training-task stream (the sync explorer draws from it)
     eval_tasks: list
     reward_fn: Callable[[str, str], float]
+
+    def write_config(self) -> None:
+        """``config.json`` (the resolved config, what a resume compares with) and ``plan.json``. A new run writes
+        them as its directory is made; a resume once it has restored its checkpoint and opened its trackers
+        (the runner calls this), so a resume that fails leaves the run's own as they were."""
+        (self.run_dir / "config.json").write_text(json.dumps(shareable(self.cfg.model_dump(mode="json")), indent=2))
+        self.plan.save(self.run_dir)
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module):
@@ -294,12 +389,22 @@ def check_workflow(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
 
 
-def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> RunContext:
-    """Validate the algorithm and workflow first (cheap), then load the model and build the optimiser."""
+def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = False, log: Callable[[str], None] = print,
+                  on_run_dir: Callable[[Path], None] | None = None) -> RunContext:
+    """Validate the algorithm and workflow first (cheap), then load the model and build the optimiser.
+
+    A new run's directory is made (:func:`make_run_dir`) once the model has loaded, and its ``config.json`` /
+    ``plan.json`` written; a resume writes nothing here (the runner calls :meth:`RunContext.write_config` once
+    the checkpoint is restored). ``on_run_dir``: called with the run directory as soon as it exists (at once
+    for a resume), before anything is written to it."""
     from offpolicy.rollout.model import policy_from_config, reference_policy
 
     from offpolicy.threads import thread_split
 
+    if resume:
+        run_dir = Path(cfg.run.dir) if run_dir is None else Path(run_dir)
+        if on_run_dir is not None:
+            on_run_dir(run_dir)
     torch.set_num_threads(thread_split(cfg.pipeline.mode, cfg.train.threads, cfg.pipeline.explorer_threads)[0])
     algo, plan = bind_algorithm(cfg)
     check_workflow(cfg)
@@ -313,12 +418,13 @@ def build_context(cfg: Config, run_dir: Path | None = None, *, resume: bool = Fa
         compile_forward(model)
     ref_model = reference_policy(model) if plan.ref_logp != "unused" else None
     opt, sched = make_optimizer(cfg, model)
-    if resume:
-        run_dir = Path(cfg.run.dir) if run_dir is None else run_dir
-    elif run_dir is None:
-        run_dir = make_run_dir(cfg)
-    (run_dir / "config.json").write_text(json.dumps(shareable(cfg.model_dump(mode="json")), indent=2))
-    plan.save(run_dir)
+    if not resume:
+        run_dir = make_run_dir(cfg, log) if run_dir is None else run_dir
+        if on_run_dir is not None:
+            on_run_dir(run_dir)
     train_tasks, eval_tasks = task_source(cfg, tokenizer)
-    return RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, plan, ref_model, train_tasks, eval_tasks,
-                      reward_fn)
+    ctx = RunContext(cfg, run_dir, model, tokenizer, opt, sched, algo, plan, ref_model, train_tasks, eval_tasks,
+                     reward_fn)
+    if not resume:
+        ctx.write_config()
+    return ctx

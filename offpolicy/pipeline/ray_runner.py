@@ -39,7 +39,8 @@ import torch
 
 from offpolicy.config import Config, ConfigError
 from offpolicy.pipeline.asynchronous import ExplorerDied
-from offpolicy.pipeline.context import build_context, open_run_buffer, reward_function, task_source
+from offpolicy.pipeline.context import (RunLog, build_context, check_run, open_run_buffer, reward_function,
+                                        task_source)
 from offpolicy.pipeline.explorer import Explorer, weights_version
 from offpolicy.pipeline.replay import apply_preset_defaults, sample_strategy
 from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
@@ -530,15 +531,17 @@ def run_ray(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, p
     checkpoint and regenerates them, as the async runner does."""
     cfg = apply_preset_defaults(cfg)
     p = cfg.pipeline
+    runlog = RunLog(progress, cfg, run_dir, resume=resume)  # run.log opens as soon as the run directory exists
     if cfg.rollout.prompts_per_step < p.explorers:
         raise ConfigError(f"pipeline.explorers={p.explorers} is more than rollout.prompts_per_step="
                           f"{cfg.rollout.prompts_per_step}: every explorer generates a share of each batch")
+    check_run(cfg)
     ray, started = start_ray(cfg, log)
     opened: list = []  # closed last first
     try:
         fleet = ExplorerFleet(ray, cfg)  # the actors load their models while the trainer builds its context
         opened.append(fleet)
-        ctx = build_context(cfg, run_dir, resume=resume)
+        ctx = build_context(cfg, run_dir, resume=resume, log=log, on_run_dir=runlog.open)
         if cfg.train.threads is None:  # the explorers on this machine take theirs
             from offpolicy.threads import available_cpus
 
@@ -562,9 +565,11 @@ def run_ray(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, p
             group = TrainerGroup(ray, ctx, cfg.train.workers)
             opened.append(group)
         fleet.start(ctx, buffer, batch=batch, cursors=cursors)
-        loop = TrainLoop(ctx, strategy, progress=progress, resumed=state,
+        loop = TrainLoop(ctx, strategy, progress=runlog.handed_on(), resumed=state,
                          step_fn=group.train_step if group else train_step)
         opened.append(loop)
+        if resume:
+            ctx.write_config()
         return _train(ctx, fleet, buffer, strategy, loop, first=batch)
     finally:
         for obj in reversed(opened):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from offpolicy.config import Config
-from offpolicy.pipeline.context import build_context, open_run_buffer
+from offpolicy.pipeline.context import RunLog, build_context, check_run, open_run_buffer
 from offpolicy.pipeline.explorer import Explorer, RewardFaultError
 from offpolicy.pipeline.replay import apply_preset_defaults, fresh_prompts, sample_strategy
 from offpolicy.pipeline.resume import StopRequest, checkpoint_run, restore_run
@@ -25,18 +25,29 @@ def run_sync(cfg: Config, *, run_dir: Path | None = None, resume: bool = False, 
              log=print, step_fn=train_step) -> RunResult:
     """Train up to ``cfg.train.steps`` steps, evaluating at the start, every ``cfg.eval.every`` steps and at the end."""
     cfg = apply_preset_defaults(cfg)
-    ctx = build_context(cfg, run_dir, resume=resume)
+    runlog = RunLog(progress, cfg, run_dir, resume=resume)  # run.log opens as soon as the run directory exists
+    check_run(cfg)
+    ctx = build_context(cfg, run_dir, resume=resume, log=log, on_run_dir=runlog.open)
     log(f"run directory: {ctx.run_dir}")
     log(ctx.plan.describe())
     explorer = Explorer.from_context(ctx)
-    buffer = open_run_buffer(cfg, ctx.run_dir)
-    strategy = sample_strategy(cfg)
-    state = None
-    if resume:
-        state = restore_run(ctx, strategy=strategy, buffer=buffer)
-        explorer.load_state_dict(state["explorer"])
-        log(f"resuming from step {state['step']} ({state['path']})")
-    loop = TrainLoop(ctx, strategy, progress=progress, resumed=state, step_fn=step_fn)
+    buffer = loop = None
+    try:
+        buffer = open_run_buffer(cfg, ctx.run_dir)
+        strategy = sample_strategy(cfg)
+        state = None
+        if resume:
+            state = restore_run(ctx, strategy=strategy, buffer=buffer)
+            explorer.load_state_dict(state["explorer"])
+            log(f"resuming from step {state['step']} ({state['path']})")
+        loop = TrainLoop(ctx, strategy, progress=runlog.handed_on(), resumed=state, step_fn=step_fn)
+        if resume:
+            ctx.write_config()
+    except BaseException:
+        for obj in (loop, buffer, explorer):
+            if obj is not None:
+                obj.close()
+        raise
     rows = loop.rows
 
     def save(step: int, explorer_state: dict | None = None, eval_after: dict | None = None) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from offpolicy.config import ConfigError
+
 CKPT_DIR = "checkpoints"
 
 
@@ -141,11 +143,12 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
 
     path = Path(path)
     saved_lora = (path / "adapter.safetensors").is_file()
-    if saved_lora != is_lora(model):
-        raise ValueError(f"{path} was written {'with' if saved_lora else 'without'} a LoRA adapter, the model "
-                         f"is built {'with' if is_lora(model) else 'without'} one; resume with the run's model.lora")
+    _check_lora(path, model, saved_lora)
     if saved_lora:
-        load_trainable_state(model, load_file(str(path / "adapter.safetensors"), device=str(_device(model))))
+        try:
+            load_trainable_state(model, load_file(str(path / "adapter.safetensors"), device=str(_device(model))))
+        except ValueError as e:  # other target modules
+            raise ConfigError(f"model.lora: {path}: {e}") from None
     else:
         load_model(model, str(path / "model.safetensors"), device=str(_device(model)))
     blob = torch.load(path / "trainer.pt", weights_only=True)
@@ -160,6 +163,42 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
     for k, g in (generators or {}).items():
         g.set_state(torch.frombuffer(bytearray(saved[k]), dtype=torch.uint8))
     return {**json.loads((path / "state.json").read_text()), "generators": saved}
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of the checkpoint at ``path`` (its ``state.json``; 0 where that does not read)."""
+    try:
+        return int(json.loads((Path(path) / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _lora_rank(shapes: dict[str, tuple]) -> int | None:
+    """The adapter's rank from its ``lora_A`` weights' shapes ([r, in]); None when it has none."""
+    ranks = {shape[0] for name, shape in shapes.items() if ".lora_A." in name and len(shape) == 2}
+    return max(ranks) if ranks else None
+
+
+def _check_lora(path: Path, model, saved_lora: bool) -> None:
+    """A ConfigError naming ``model.lora.r`` when the checkpoint's adapter (or its absence) does not fit the
+    model as this run's config built it: checked before anything is loaded."""
+    from safetensors import safe_open
+
+    from offpolicy.rollout.model import is_lora, trainable_state
+
+    ours = _lora_rank({k: tuple(v.shape) for k, v in trainable_state(model).items()}) if is_lora(model) else None
+    if saved_lora:
+        with safe_open(str(path / "adapter.safetensors"), "pt") as f:
+            saved = _lora_rank({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    else:
+        saved = None
+    if saved_lora == is_lora(model) and saved == ours:
+        return
+    held = f"a LoRA adapter of rank {saved}" if saved_lora else "the full weights (no LoRA adapter)"
+    built = f"model.lora.r={ours or 0}" + (" (full fine-tuning)" if not is_lora(model) else "")
+    want = f"model.lora.r={saved}" if saved_lora else "model.lora.r=0"
+    raise ConfigError(f"model.lora.r: the checkpoint {path} holds {held}, but this run's {built} does not fit it; "
+                      f"resume with {want} (the run's own setting)")
 
 
 def load_frozen(path: str | Path, name: str, model) -> bool:

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from offpolicy.config import ConfigError
+
 
 class _TensorBoard:
     """``<run_dir>/tb`` event files (torch's SummaryWriter); the config as a text summary."""
@@ -111,6 +113,28 @@ def check_loggers(names: list[str]) -> None:
             raise ConfigError(f"run.loggers: {name} needs the {cls.module} package, which is not installed: {hint}")
 
 
+class TrackerError(ConfigError):
+    """A tracker of ``run.loggers`` could not start its run (no login, no server, ...): its own message, and
+    how to run without it."""
+
+
+# how to run without the tracker's service, besides leaving it out of run.loggers
+_OFFLINE = {"wandb": "WANDB_MODE=offline keeps the W&B run on disk (upload it later with wandb sync)",
+            "mlflow": "unset MLFLOW_TRACKING_URI to write the SQLite store <run_dir>/mlflow.db"}
+
+
+def _start(name: str, run_dir: Path, project: str, config: dict):
+    """``TRACKERS[name]`` started; its failure (any Exception) is a :class:`TrackerError`."""
+    try:
+        return TRACKERS[name](run_dir, project, config)
+    except Exception as e:
+        own = " ".join(str(e).split()) or "(no message)"
+        offline = f"{_OFFLINE[name]}, or " if name in _OFFLINE else ""
+        raise TrackerError(f"run.loggers: {name} could not start its run: {type(e).__name__}: {own} — to run "
+                           f"without it: {offline}leave {name} out of run.loggers (run.loggers=[] writes "
+                           "metrics.jsonl only)") from None
+
+
 def _flatten(config: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for key, value in config.items():
@@ -145,19 +169,19 @@ class MetricsWriter:
                  project: str = "offpolicy"):
         run_dir = Path(run_dir)
         check_loggers(list(loggers))
-        if config is not None:
-            import yaml
-
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a")
         self._trackers = []
         try:
             for name in loggers:
-                self._trackers.append(TRACKERS[name](run_dir, project, config or {}))
+                self._trackers.append(_start(name, run_dir, project, config or {}))
         except BaseException:
             self.close()
             raise
+        if config is not None:  # once the trackers run: a resume that fails here leaves the run's own
+            import yaml
+
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
