@@ -40,7 +40,7 @@ test: $(STAMP)
 	scripts/setup_vllm.sh
 	.venv-vllm/bin/python -m pytest -q -m vllm tests/rollout/test_vllm_engine.py
 
-# the long end-to-end tests (Ray cluster, torchrun ranks, compiled forwards; ~2.5 min on 2 cores): CI runs them
+# the long end-to-end tests (Ray cluster, torchrun ranks, compiled forwards, kill-and-resume runs; ~4.5 min on 2 cores): CI runs them
 # after `make test`, which stays the everyday command
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow and not gpu"

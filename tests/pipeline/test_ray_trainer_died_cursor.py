@@ -18,6 +18,7 @@ ARGS = ["train.steps=6", f"rollout.prompts_per_step={P}", "rollout.group_size=4"
         "train.threads=1", "pipeline.explorer_threads=1"]
 
 
+@pytest.mark.slow  # a long end-to-end run: make test-slow (CI runs it)
 def test_checkpoint_after_a_trainer_failure_holds_the_cursor_of_its_step(tmp_path, monkeypatch):
     import ray
 

@@ -71,6 +71,7 @@ def test_roll_back_removes_the_groups_of_later_batches_consumed_or_not(tmp_path,
     buf.close()
 
 
+@pytest.mark.slow  # a long end-to-end run: make test-slow (CI runs it)
 def test_a_remix_run_killed_after_a_checkpoint_resumes_like_an_uninterrupted_one(tmp_path):
     """ReMix's Mix strategy keeps consumed groups for replay: the groups a dead step consumed after the
     checkpoint must go with the roll-back (before, the regenerated batch collided with them)."""

@@ -4,6 +4,7 @@ That wait must not be a collective under that timeout, or the workers die of it 
 
 import os
 
+import pytest
 import torch.multiprocessing as mp
 
 from offpolicy.config import load_config
@@ -47,6 +48,7 @@ def _rank(rank: int, port: int, out: str) -> None:
         f.write(str(code))
 
 
+@pytest.mark.slow  # a long end-to-end run: make test-slow (CI runs it)
 def test_workers_outwait_a_gap_longer_than_the_collective_timeout(tmp_path):
     from offpolicy.train.distributed import free_address
 
