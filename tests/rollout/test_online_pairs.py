@@ -9,6 +9,7 @@ from offpolicy.algos import bind, resolve_preset
 from offpolicy.config import ConfigError, load_config
 from offpolicy.data.experience import Experience, collate
 from offpolicy.rollout.online_pairs import OnlinePairs, build_pairs, pairs_per_task
+from offpolicy.rollout.workflow import group_id
 from offpolicy.train.algorithm import Algorithm
 from offpolicy.train.plan import build_plan
 from offpolicy.train.step import response_logp, train_step
@@ -25,17 +26,30 @@ def test_pairs_per_task_bounds_what_the_rules_can_give():
         assert most == pairs_per_task("all_pairs", K)
 
 
-def _group(rewards, *, fault_at=None):
+def _group(rewards, *, fault_at=None, task_id="t7"):
     out = []
     for i, r in enumerate(rewards):
         e = Experience(torch.tensor([1, 2]), torch.tensor([10 + i, 20 + i]), torch.ones(2), torch.full((2,), -0.5 - i),
-                       r, "t7@b3", "t7", version=2, batch_index=3, info={"correct": r >= 1.0})
+                       r, f"{task_id}@b3", task_id, version=2, batch_index=3, info={"correct": r >= 1.0})
         if i == fault_at:
             e.info["reward_fault"] = "raised"
             e.response_mask = torch.zeros(2)
             e.group_id += f"#invalid{i}"
         out.append(e)
     return out
+
+
+def test_pair_ids_of_tasks_whose_ids_hold_a_hash_stay_apart():
+    """Pair ids come from the samples' fields, not from parsing the group id: a task id holding '#' (a task file
+    named ``a#b.jsonl``) gave every task of the batch the same pair ids, merging their pairs in the buffer."""
+    rows = [e for t in ("a#b-1", "a#b-2") for e in build_pairs(_group([1.0, 0.0], task_id=t), "best_vs_worst", 2)]
+    assert [e.group_id for e in rows] == ["a#b-1@b3/p0"] * 2 + ["a#b-2@b3/p0"] * 2
+    assert [e.info["pair_id"] for e in rows[::2]] == ["a#b-1@b3/p0", "a#b-2@b3/p0"]
+
+
+def test_a_faulted_first_sample_does_not_change_the_pair_ids():
+    rows = build_pairs(_group([1.0, 0.0, 1.0], fault_at=0), "best_vs_worst", 3)
+    assert {e.group_id for e in rows} == {group_id(rows[0], 2, 3) + "/p0"} == {"t7@b3/p0"}
 
 
 def test_pairs_of_a_scored_group_by_hand():
