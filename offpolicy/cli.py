@@ -323,6 +323,7 @@ def _cmd_eval(args) -> int:
                                     batch_size=args.batch_size)
         finally:
             scorer.close()
+            engine.close()  # a vLLM engine holds its own process and memory
         detail = f"reward {cfg.reward.function}, max {cfg.rollout.max_new_tokens} new tokens"
         if cfg.workflow.name == "multi_turn":  # the environment scores the episode
             detail = (f"workflow multi_turn (env {cfg.workflow.env}, up to {cfg.workflow.max_turns} turns), max "
